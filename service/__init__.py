@@ -1,0 +1,3 @@
+"""sinkserve: endless multi-round LLM conversations with StreamingLLM attention sinks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""The one validated configuration that flows from the CLI or Triton down to the runner.
+
+`EngineConfig.from_mapping` is the strict parser used by `config.pbtxt` parameters and CLI
+flags: an unknown key or a bad value raises `ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+RUNNERS = ("torch",)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine instance.
+
+    The per-session cache holds `sinks` attention-sink tokens plus a ring of the `window`
+    most recent tokens (a query attends to at most `sinks + window` keys, itself included).
+    """
+
+    model: str = ""  # GGUF file or Hugging Face checkpoint dir; "" = the default model
+    runner: str = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    sinks: int = 4
+    window: int = 1020
+    max_sessions: int = 16  # KV slots on the device
+    max_host_sessions: int = 1024  # idle sessions swapped to host memory
+    step_token_budget: int = 256  # tokens per engine step (decode + chunked prefill)
+    max_new_tokens: int = 4096  # upper bound a request may ask for
+    slot_wait_s: float = 30.0  # how long a new turn waits for a busy slot
+    session_ttl_s: float = 3600.0  # idle sessions expire after this
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        need(self.runner in RUNNERS, "runner", f"must be one of {', '.join(RUNNERS)}")
+        need(self.dtype in DTYPES, "dtype", f"must be one of {', '.join(DTYPES)}")
+        need(
+            self.device == "cpu" or self.device.startswith("cuda"),
+            "device",
+            "must be 'cpu' or 'cuda[:N]'",
+        )
+        need(
+            not (self.device == "cpu" and self.dtype == "float16"),
+            "dtype",
+            "float16 is for CUDA; use float32 or bfloat16 on CPU",
+        )
+        need(0 <= self.sinks <= 64, "sinks", "must be in 0..64")
+        need(self.window >= 1, "window", "must be >= 1")
+        need(self.max_sessions >= 1, "max_sessions", "must be >= 1")
+        need(self.max_host_sessions >= 0, "max_host_sessions", "must be >= 0")
+        need(self.step_token_budget >= 1, "step_token_budget", "must be >= 1")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.slot_wait_s >= 0, "slot_wait_s", "must be >= 0")
+        need(self.session_ttl_s > 0, "session_ttl_s", "must be > 0")
+        need(self.threads >= 0, "threads", "must be >= 0")
+
+    @property
+    def cache_len(self) -> int:
+        """Keys a query may attend to: sinks plus window."""
+        return self.sinks + self.window
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> EngineConfig:
+        """Build from string-ish values (config.pbtxt parameters, env, CLI), strictly."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, raw in values.items():
+            if key not in fields:
+                raise ConfigError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+            kind = type(getattr(cls, key))
+            try:
+                kwargs[key] = raw if isinstance(raw, kind) else kind(str(raw).strip())
+            except ValueError:
+                raise ConfigError(f"{key}={raw!r}: expected {kind.__name__}") from None
+        return cls(**kwargs)

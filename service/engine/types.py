@@ -1,0 +1,137 @@
+"""Plain data that crosses the engine's public boundary (no torch here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class EngineError(Exception):
+    """Base of the errors the engine reports to callers; `code` maps to gRPC/Triton codes."""
+
+    code = "INTERNAL"
+
+
+class InvalidRequest(EngineError):
+    code = "INVALID_ARGUMENT"
+
+
+class UnknownSession(EngineError):
+    code = "NOT_FOUND"
+
+
+class SessionBusy(EngineError):
+    """A turn was submitted while the session's previous turn is still running."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(EngineError):
+    """No slot became free within `slot_wait_s`, or too many sessions exist."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class EngineStopped(EngineError):
+    code = "UNAVAILABLE"
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-turn sampling. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # over the tokens in the session's cache
+    seed: int | None = None  # reproducible sampling when set
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Raise InvalidRequest naming the first bad field."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens={self.max_new_tokens} must be in 1..{max_new_tokens_limit}"
+            )
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidRequest(f"temperature={self.temperature} must be in [0, 100]")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k={self.top_k} must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequest(
+                f"repetition_penalty={self.repetition_penalty} must be in (0, 10]"
+            )
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must be non-empty")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting of one turn, and where the session's cache stands after it."""
+
+    prompt_tokens: int  # tokens this turn prefilled (its own tokens only)
+    generated_tokens: int
+    position: int  # absolute tokens seen by the session so far
+    cached_tokens: int  # keys in the cache now (<= sinks + window)
+    evicted_tokens: int  # tokens that have left the window so far
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; `text` is the valid-UTF-8 text it completes (may be "")."""
+
+    token_id: int
+    text: str
+    index: int  # 0-based index within the turn
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """Always the last event of a turn."""
+
+    finish_reason: FinishReason
+    usage: Usage
+    text: str = ""  # held-back text flushed at the end (e.g. a partial stop-string match)
+    error: str = ""  # set when finish_reason is ERROR
+
+
+Event = TokenEvent | TurnEnd
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    position: int
+    cached_tokens: int
+    evicted_tokens: int
+    state: str  # "slot" | "host" | "generating" | "waiting"
+    turns: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    slots_total: int
+    slots_free: int
+    sessions: int
+    sessions_in_slots: int
+    sessions_swapped: int
+    turns_running: int
+    turns_waiting: int
+    prefill_tokens: int  # totals since start
+    generated_tokens: int
+    evicted_tokens: int
+    steps: int
+    bytes_per_slot: int
+    session_info: tuple[SessionInfo, ...] = field(default=())
