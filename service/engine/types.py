@@ -105,6 +105,7 @@ class TurnEnd:
     usage: Usage
     text: str = ""  # held-back text flushed at the end (e.g. a partial stop-string match)
     error: str = ""  # set when finish_reason is ERROR
+    error_code: str = ""  # an EngineError.code, e.g. "RESOURCE_EXHAUSTED"
 
 
 Event = TokenEvent | TurnEnd
