@@ -189,7 +189,7 @@ def test_an_unknown_tensor_name_is_rejected(tmp_path: Path) -> None:
     tensors = hf_tensors(qkv_bias=False, tied=False)
     tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(TINY["hidden_size"])
     path = write_hf_dir(tmp_path / "hf", tensors, TINY | {"model_type": "llama"})
-    with pytest.raises(ValueError, match="o_proj.bias"):
+    with pytest.raises(ValueError, match=r"o_proj\.bias"):
         load_checkpoint(path)
 
 
