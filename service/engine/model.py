@@ -22,28 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
-from service.engine.rope import RopeScaling, cos_sin, inv_frequencies, rotate
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Shape and numerics of a Llama-family checkpoint."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_eps: float
-    rope_theta: float
-    rope_scaling: RopeScaling | None
-    max_position: int  # training context
-    tie_embeddings: bool
-    qkv_bias: bool
-    bos_id: int | None = None
-    eos_id: int | None = None
+from service.engine.rope import cos_sin, inv_frequencies, rotate
+from service.engine.weights import ModelConfig
 
 
 @dataclass
