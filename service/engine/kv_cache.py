@@ -22,6 +22,7 @@ class StepItem:
     tokens: Sequence[int]
     start: int  # absolute position of tokens[0]
     want_logits: bool  # the logits after the last token are needed
+    all_logits: bool = False  # the logits after every token (perplexity evaluation)
 
 
 @dataclass
@@ -151,11 +152,13 @@ class KVCache:
                 )
             )
             row += n
-        last_row, row = {}, 0
+        rows_of, row = {}, 0
         for it in ordered:
-            row += len(it.tokens)
-            last_row[id(it)] = row - 1
-        logit_rows = [last_row[id(it)] for it in items if it.want_logits]  # caller's order
+            n = len(it.tokens)
+            rows_of[id(it)] = list(range(row if it.all_logits else row + n - 1, row + n))
+            row += n
+        # In the caller's item order.
+        logit_rows = [r for it in items if it.want_logits for r in rows_of[id(it)]]
         return StepPlan(
             tokens=torch.tensor(tokens, dtype=torch.long).to(dev),
             positions=positions,
