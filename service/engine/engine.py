@@ -33,7 +33,8 @@ from service.engine.runner import Runner
 from service.engine.sampler import SampleRow
 from service.engine.scheduler import Scheduler, Session, Turn
 from service.engine.stops import StopMatcher
-from service.engine.tokenizer import ChatFormat, IncrementalDecoder, Tokenizer
+from service.engine.chat_format import ChatFormat
+from service.engine.tokenizer import IncrementalDecoder, Tokenizer
 from service.engine.types import (
     EngineError,
     EngineStats,
@@ -440,7 +441,7 @@ class Engine:
         is_eos = token in self.tokenizer.eos_ids and not p.ignore_eos
         if is_eos or token in p.stop_token_ids:
             return self._end(turn, FinishReason.STOP, eos=is_eos)
-        text, stopped = st.stops.push(st.decoder.push(token))
+        text, stopped = st.stops.push(st.decoder.feed(token))
         events: list[Event] = [TokenEvent(token, text, index)]
         if stopped:
             return events + self._end(turn, FinishReason.STOP, flush=False)
