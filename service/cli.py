@@ -1,0 +1,136 @@
+"""`sinkserve` command line: eval-ppl, chat, and the servers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from service.config import EngineConfig
+from service.logs import configure_logging
+
+DEFAULT_TEXT = Path("/usr/share/doc/debian-policy/policy.txt.gz")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=d.model, help="GGUF file or HF dir (default: SmolLM2)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--sinks", type=int, default=d.sinks)
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--threads", type=int, default=d.threads)
+
+
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    keys = ("model", "device", "dtype", "sinks", "window", "threads")
+    values = {k: getattr(args, k) for k in keys} | overrides
+    return EngineConfig.from_mapping(values)
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.engine.loader import load_model
+    from service.engine.perplexity import cache_shape, plot_running_ppl, read_text, streaming_nll
+    from service.engine.runner import TorchRunner
+
+    text = read_text(args.text)
+    sinks, window = cache_shape(args.mode, args.sinks, args.window, args.tokens)
+    config = engine_config(args, sinks=sinks, window=window, max_sessions=1)
+    model, tokenizer = load_model(config)
+    tokens = tokenizer.encode(text)[: args.tokens + 1]
+    if len(tokens) < args.tokens + 1:
+        print(f"text has only {len(tokens)} tokens; need {args.tokens + 1}", file=sys.stderr)
+        return 2
+    if args.mode == "dense" and args.tokens > model.cfg.max_position:
+        print("warning: dense past the training context is not meaningful", file=sys.stderr)
+    runner = TorchRunner(config, model)
+    with tqdm(total=args.tokens, desc=f"eval-ppl {args.mode}", unit="tok") as bar:
+        result = streaming_nll(runner, tokens, chunk=args.chunk, on_progress=bar.update)
+    summary = {
+        "mode": args.mode,
+        "sinks": sinks,
+        "window": window,
+        "tokens": args.tokens,
+        "ppl": round(result.ppl(), 4),
+        "ppl_by_1k": [round(v, 4) for v in result.ppl_by_1k()],
+        "rss_mb_by_1k": [round(v, 1) for v in result.rss_mb],
+        "dtype": config.dtype,
+        "chunk": args.chunk,
+    }
+    if args.plot:
+        plot_running_ppl({args.mode: summary["ppl_by_1k"]}, args.plot, f"{args.mode} {sinks}+{window}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.mode} {sinks}+{window}: ppl {summary['ppl']} over {args.tokens} tokens")
+    return 0
+
+
+def cmd_chat_local(args: argparse.Namespace) -> int:
+    """An in-process chat: no servers, the engine in this process (one line, one turn)."""
+    import threading
+
+    from service.engine.engine import Engine
+    from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
+
+    engine = Engine.load(engine_config(args, max_sessions=1))
+    engine.start()
+    sid = engine.open_session(system=args.system)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature)
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            finished = threading.Event()
+
+            def show(events: list[Event], finished: threading.Event = finished) -> None:
+                for e in events:
+                    print(e.text, end="" if isinstance(e, TokenEvent) else "\n", flush=True)
+                    if isinstance(e, TurnEnd):
+                        finished.set()
+
+            engine.submit(sid, line.strip(), params, show)
+            finished.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
+    parser.add_argument("--log-json", action="store_true", default=None, help="JSON logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval-ppl", help="streaming perplexity of a long text")
+    add_engine_flags(p)
+    p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file (.gz ok)")
+    p.add_argument("--tokens", type=int, default=8000)
+    p.add_argument("--mode", choices=("sinks", "window", "dense"), default="sinks")
+    p.add_argument("--chunk", type=int, default=1, help="tokens per step (1 = token by token)")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--plot", type=Path, help="PNG of perplexity per 1,000 tokens")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("chat", help="interactive chat")
+    add_engine_flags(p)
+    p.add_argument("--local", action="store_true", help="run the engine in this process")
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(json=args.log_json)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The engine's public API: sessions, turns, limits, sampling and snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.engine.types import (
+    FinishReason,
+    InvalidRequest,
+    ResourceExhausted,
+    SamplingParams,
+    SessionBusy,
+    TokenEvent,
+    TurnEnd,
+    UnknownSession,
+)
+from tests.engine.helpers import RecordingEngine, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.vocab_size, seed=7)
+
+
+@pytest.fixture
+def make(tokenizer, model):
+    engines = []
+
+    def build(**config):
+        rec = RecordingEngine(tokenizer, model[1], model[0], **config)
+        rec.engine.start()
+        engines.append(rec.engine)
+        return rec.engine
+
+    yield build
+    for e in engines:
+        e.shutdown()
+
+
+def collect(engine, sid, prompt, **params):
+    async def run():
+        return [e async for e in engine.generate(sid, prompt, SamplingParams(**params))]
+
+    return asyncio.run(run())
+
+
+def ids(events):
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+def test_a_seed_makes_sampling_reproducible_and_another_seed_changes_it(make):
+    engine = make()
+    runs = []
+    for seed in (11, 11, 12):
+        sid = engine.open_session()
+        runs.append(ids(collect(engine, sid, [5, 6, 7], max_new_tokens=24, temperature=1.5,
+                                seed=seed, ignore_eos=True)))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_top_k_of_one_is_greedy(make):
+    engine = make()
+    a, b = engine.open_session(), engine.open_session()
+    greedy = ids(collect(engine, a, [9, 8, 7], max_new_tokens=12, ignore_eos=True))
+    top1 = ids(collect(engine, b, [9, 8, 7], max_new_tokens=12, temperature=0.8, top_k=1,
+                       seed=3, ignore_eos=True))
+    assert greedy == top1
+
+
+def test_max_new_tokens_ends_with_length_and_usage_counts_the_turn(make):
+    engine = make(sinks=2, window=8)
+    sid = engine.open_session()
+    events = collect(engine, sid, [4] * 20, max_new_tokens=5, ignore_eos=True)
+    end = events[-1]
+    assert isinstance(end, TurnEnd) and end.finish_reason is FinishReason.LENGTH
+    assert len(ids(events)) == 5
+    # 20 prompt tokens + 4 generated ones fed (the last is owed to the next turn)
+    assert (end.usage.prompt_tokens, end.usage.position, end.usage.cached_tokens) == (20, 24, 10)
+    assert end.usage.evicted_tokens == 14
+    events = collect(engine, sid, [4, 4], max_new_tokens=1, ignore_eos=True)
+    assert events[-1].usage.prompt_tokens == 3  # the owed token + its own two
+
+
+def test_a_stop_token_id_ends_the_turn_and_is_not_streamed(make):
+    engine = make()
+    sid = engine.open_session()
+    first = ids(collect(engine, sid, [5, 6, 7], max_new_tokens=8, ignore_eos=True))
+    sid2 = engine.open_session()
+    events = collect(engine, sid2, [5, 6, 7], max_new_tokens=8, stop_token_ids=(first[3],),
+                     ignore_eos=True)
+    cut = first.index(first[3])
+    assert ids(events) == first[:cut]
+    assert events[-1].finish_reason is FinishReason.STOP
+
+
+def test_bad_requests_raise_clear_errors(make):
+    engine = make(max_sessions=1, max_host_sessions=0)
+    with pytest.raises(UnknownSession):
+        engine.submit("nope", [1], SamplingParams(), lambda e: None)
+    sid = engine.open_session()
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        engine.submit(sid, [1], SamplingParams(max_new_tokens=0), lambda e: None)
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.submit(sid, "", SamplingParams(), lambda e: None)
+    with pytest.raises(InvalidRequest, match="already exists"):
+        engine.open_session(sid)
+    with pytest.raises(ResourceExhausted):
+        engine.open_session()
+
+
+def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make):
+    engine = make()
+    sid = engine.open_session()
+    ends = []
+    turn = engine.submit(sid, [3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True),
+                         lambda evs: ends.extend(e for e in evs if isinstance(e, TurnEnd)))
+    with pytest.raises(SessionBusy):
+        engine.submit(sid, [5], SamplingParams(), lambda e: None)
+    engine.cancel(turn)
+    deadline = time.monotonic() + 10
+    while not ends and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ends and ends[0].finish_reason is FinishReason.CANCELLED
+    assert engine.stats().turns_running == 0
+
+
+def test_a_turn_waiting_for_a_busy_slot_fails_with_resource_exhausted(make):
+    engine = make(max_sessions=1, slot_wait_s=0.2)
+    a, b = engine.open_session(), engine.open_session()
+    engine.submit(a, [3], SamplingParams(max_new_tokens=4000, ignore_eos=True), lambda e: None)
+    events = collect(engine, b, [3], max_new_tokens=2)
+    end = events[-1]
+    assert end.finish_reason is FinishReason.ERROR and end.error_code == "RESOURCE_EXHAUSTED"
+
+
+def test_ending_a_session_frees_its_slot_and_idle_sessions_expire(make):
+    engine = make(max_sessions=2, session_ttl_s=0.3)
+    sid = engine.open_session()
+    collect(engine, sid, [3, 4], max_new_tokens=2)
+    assert engine.stats().slots_free == 1
+    engine.end_session(sid)
+    assert engine.stats().slots_free == 2 and not engine.has_session(sid)
+    sid = engine.open_session()
+    collect(engine, sid, [3, 4], max_new_tokens=2)
+    deadline = time.monotonic() + 10
+    while engine.has_session(sid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.has_session(sid) and engine.stats().slots_free == 2
+
+
+def test_leaving_the_async_stream_early_cancels_the_turn(make):
+    engine = make()
+    sid = engine.open_session()
+
+    async def run():
+        async for e in engine.generate(sid, [3], SamplingParams(max_new_tokens=4000,
+                                                                  ignore_eos=True)):
+            if isinstance(e, TokenEvent) and e.index == 3:
+                break
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while engine.stats().turns_running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats().turns_running == 0
+    assert collect(engine, sid, [5], max_new_tokens=1)[-1].finish_reason is not FinishReason.ERROR
+
+
+def test_a_session_moved_to_another_engine_with_its_kv_continues_exactly(make):
+    a, b, ref = make(), make(), make()
+    sa, sr = a.open_session(), ref.open_session()
+    for engine, sid in ((a, sa), (ref, sr)):
+        collect(engine, sid, [5, 9, 13, 2], max_new_tokens=30, ignore_eos=True)
+    b.import_sessions(a.export_sessions())
+    moved = ids(collect(b, sa, [7, 7], max_new_tokens=20, ignore_eos=True))
+    stayed = ids(collect(ref, sr, [7, 7], max_new_tokens=20, ignore_eos=True))
+    assert moved == stayed
+
+
+def test_a_session_rebuilt_from_its_tokens_keeps_its_position(make):
+    a, b = make(sinks=2, window=16), make(sinks=2, window=16)
+    sid = a.open_session()
+    collect(a, sid, list(range(3, 40)), max_new_tokens=10, ignore_eos=True)
+    snap = a.export_sessions(with_kv=False)
+    b.import_sessions(snap)
+    end = collect(b, sid, [7, 7], max_new_tokens=3, ignore_eos=True)[-1]
+    assert end.finish_reason is FinishReason.LENGTH
+    assert end.usage.position == snap[0].position + 3 + 2
+    assert end.usage.cached_tokens == 18
