@@ -250,8 +250,9 @@ class TritonServer:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                rc = self.process.returncode
                 raise TritonLaunchError(
-                    f"tritonserver exited with {self.process.returncode} before ready{self._log_hint()}"
+                    f"tritonserver exited with {rc} before ready{self._log_hint()}"
                 )
             if self.is_ready():
                 return
