@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 class EngineConfig:
     """Settings of one engine instance.
 
-    The per-session cache holds `sinks` attention-sink tokens plus a ring of the `window`
-    most recent tokens (a query attends to at most `sinks + window` keys, itself included).
+    The per-session cache holds `sinks` attention-sink tokens (the session's first tokens)
+    plus a ring of the `window` most recent tokens: a new token attends to the sinks, the
+    window and itself, with RoPE positions counted within that cache.
     """
 
     model: str = ""  # GGUF file or Hugging Face checkpoint dir; "" = the default model
@@ -70,7 +71,7 @@ class EngineConfig:
 
     @property
     def cache_len(self) -> int:
-        """Keys a query may attend to: sinks plus window."""
+        """Keys a session keeps: sinks plus window."""
         return self.sinks + self.window
 
     @classmethod

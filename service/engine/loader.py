@@ -1,0 +1,32 @@
+"""Build a runner and tokenizer from an `EngineConfig` (the model checkpoint it names)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from service.config import EngineConfig
+from service.engine.model import Llama
+from service.engine.runner import TorchRunner, torch_dtype
+from service.engine.tokenizer import Tokenizer
+from service.engine.weights import default_model_path, load_checkpoint
+
+
+def model_path(config: EngineConfig) -> Path:
+    return Path(config.model) if config.model else default_model_path()
+
+
+def load_model(config: EngineConfig) -> tuple[Llama, Tokenizer]:
+    """Weights (dequantized, with a progress bar) and tokenizer of the configured model."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    path = model_path(config)
+    model_config, tensors = load_checkpoint(path)
+    model = Llama(model_config, tensors, torch_dtype(config.dtype), torch.device(config.device))
+    return model, Tokenizer.load(path)
+
+
+def build_runner(config: EngineConfig) -> tuple[TorchRunner, Tokenizer]:
+    model, tokenizer = load_model(config)
+    return TorchRunner(config, model), tokenizer

@@ -1,0 +1,181 @@
+"""A Llama-architecture decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over sink+ring KV slots.
+
+The forward pass runs one engine step: a flat batch of T tokens from many sessions (decode
+tokens and prefill chunks), described by a `StepPlan` from `kv_cache.plan_step`.
+
+Positions (StreamingLLM, Xiao et al. 2024): a token attends to its session's S sink keys,
+the W previous tokens and itself, with RoPE positions counted *within that cache*. Because
+a RoPE score depends only on the distance between the query's and the key's rotations,
+keys are stored rotated once, at their absolute position, and never re-rotated:
+- window keys vs. the query at its absolute position t: distance t - a, the same as the
+  distance within the cache;
+- sink keys (absolute = cache position i < S) vs. the query rotated at its cache position
+  min(t, S + W): distance min(t, S + W) - i, as the paper prescribes.
+So each query is rotated twice (`q_abs`, `q_sink`) instead of re-rotating S + W keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
+from service.engine.rope import cos_sin, inv_frequencies, rotate
+from service.engine.weights import ModelConfig
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor  # [(nH + 2 nKV) * hd, H]: q, k, v fused into one matmul
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w_gate_up: torch.Tensor  # [2 I, H]: gate and up fused
+    w_down: torch.Tensor
+
+
+class Llama:
+    """Weights (fused for few kernel launches) plus the step forward pass."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+
+        def get(name: str) -> torch.Tensor:
+            return tensors[name].to(device=device, dtype=dtype)
+
+        self.embed = get("embed")
+        self.norm = get("norm")
+        self.lm_head = self.embed if cfg.tie_embeddings else get("lm_head")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            bias = (
+                torch.cat([get(p + "bq"), get(p + "bk"), get(p + "bv")]) if cfg.qkv_bias else None
+            )
+            self.layers.append(
+                Layer(
+                    attn_norm=get(p + "attn_norm"),
+                    wqkv=torch.cat([get(p + "wq"), get(p + "wk"), get(p + "wv")]),
+                    bqkv=bias,
+                    wo=get(p + "wo"),
+                    ffn_norm=get(p + "ffn_norm"),
+                    w_gate_up=torch.cat([get(p + "w_gate"), get(p + "w_up")]),
+                    w_down=get(p + "w_down"),
+                )
+            )
+        self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, kv: KVCache, plan: StepPlan) -> torch.Tensor:
+        """Run one step, write its keys/values into `kv`, return float32 logits for
+        `plan.logit_rows` ([n, vocab])."""
+        cfg = self.cfg
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        cos_p, sin_p = cos_sin(plan.positions, self.inv_freq, self.dtype)
+        cos_c, sin_c = cos_sin(plan.cache_positions, self.inv_freq, self.dtype)
+        x = F.embedding(plan.tokens, self.embed)
+        for li, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = q.view(-1, nh, hd)
+            k = rotate(k.view(-1, nkv, hd), cos_p, sin_p)
+            v = v.view(-1, nkv, hd)
+            q_abs = rotate(q, cos_p, sin_p)
+            q_sink = rotate(q, cos_c, sin_c)
+            attn = torch.empty_like(q_abs)
+            if plan.decode is not None:
+                rows = slice(0, plan.decode.num_rows)
+                attn[rows] = _decode_attention(
+                    kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                )
+            for chunk in plan.chunks:
+                rows = slice(chunk.row_start, chunk.row_end)
+                attn[rows] = _chunk_attention(kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows])
+            kv.write(li, plan, k, v)
+            x = x + F.linear(attn.view(-1, nh * hd), layer.wo)
+            h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+        kv.commit_positions(plan)
+        out = rms_norm(x[plan.logit_rows], self.norm, cfg.rms_eps)
+        return F.linear(out, self.lm_head).float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf.to(x.dtype) * weight
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(dtype)
+
+
+def _decode_attention(
+    kv: KVCache,
+    layer: int,
+    plan: DecodePlan,
+    q_abs: torch.Tensor,
+    q_sink: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> torch.Tensor:
+    """One query per session: keys = the session's cache (sinks + ring) + its own key."""
+    b, nh, hd = q_abs.shape
+    nkv = k_new.shape[1]
+    g = nh // nkv
+    kc, vc = kv.gather(layer, plan)  # [B, nKV, C, hd]; a group's g query heads share one
+    qa = q_abs.view(b, nkv, g, hd)  # the g heads act as rows of one matmul per (B, nKV)
+    scores = qa @ kc.transpose(-1, -2)  # [B, nKV, g, C]
+    if kv.sinks:
+        qs = q_sink.view(b, nkv, g, hd)
+        scores[..., : kv.sinks] = qs @ kc[..., : kv.sinks, :].transpose(-1, -2)
+    self_score = (qa * k_new[:, :, None, :]).sum(-1, keepdim=True)
+    scores = torch.cat([scores, self_score], dim=-1) * hd**-0.5
+    p = _softmax(scores, plan.mask[:, None, None, :], q_abs.dtype)
+    out = p[..., :-1] @ vc + p[..., -1:] * v_new[:, :, None, :]
+    return out.reshape(b, nh, hd)
+
+
+def _chunk_attention(
+    kv: KVCache,
+    layer: int,
+    plan: ChunkPlan,
+    q_abs: torch.Tensor,
+    q_sink: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> torch.Tensor:
+    """A prefill chunk of L tokens of one session: keys = its cache + the chunk itself."""
+    n, nh, hd = q_abs.shape
+    nkv = k_new.shape[1]
+    g = nh // nkv
+    kc, vc = kv.k[layer][plan.slot], kv.v[layer][plan.slot]  # [nKV, C, hd]
+    keys = torch.cat([kc, k_new.transpose(0, 1)], dim=1)[:, None]  # [nKV, 1, C + L, hd]
+    vals = torch.cat([vc, v_new.transpose(0, 1)], dim=1)[:, None]
+    qa = q_abs.view(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
+    qs = q_sink.view(n, nkv, g, hd).permute(1, 2, 0, 3)
+    scores = qa @ keys.transpose(-1, -2)  # [nKV, g, L, C + L]
+    if kv.sinks:
+        scores[..., : kv.sinks] = qs @ kc[:, None, : kv.sinks].transpose(-1, -2)
+    if plan.new_sink_cols is not None:
+        # The chunk holds the session's first tokens (its sinks): queries past the window
+        # must see them at their cache distance too.
+        c = kc.shape[1]
+        sink_scores = qs @ keys[..., c:, :].transpose(-1, -2)
+        scores[..., c:] = torch.where(plan.new_sink_cols, sink_scores, scores[..., c:])
+    p = _softmax(scores * hd**-0.5, plan.mask, q_abs.dtype)
+    out = p @ vals  # [nKV, g, L, hd]
+    return out.permute(2, 0, 1, 3).reshape(n, nh, hd)

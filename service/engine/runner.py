@@ -1,0 +1,91 @@
+"""The part of the engine that owns tensors, behind a small interface.
+
+The scheduler decides *what* runs in a step (plain ids and token lists); a runner does it.
+`TorchRunner` runs the PyTorch model on CPU or CUDA. A TensorRT-LLM executor runner would
+implement the same protocol (its `KvCacheConfig` carries `sink_token_length` and
+`max_attention_window`; releases >= 1.1 dropped sink support).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from service.config import EngineConfig
+from service.engine.kv_cache import HostSlot, KVCache, StepItem
+from service.engine.model import Llama
+from service.engine.sampler import SampleRow, sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Runner(Protocol):
+    bytes_per_slot: int
+
+    def step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:
+        """Feed `items`; sample one token for each item that wants logits, in order."""
+        ...
+
+    def new_rng(self, seed: int | None) -> torch.Generator | None: ...
+
+    def save(self, slot: int) -> HostSlot: ...
+
+    def load(self, slot: int, saved: HostSlot) -> None: ...
+
+    def clear(self, slot: int) -> None: ...
+
+
+LogitsHook = Callable[[Sequence[SampleRow], torch.Tensor], None]
+
+
+class TorchRunner:
+    """Llama forward + sampling over a preallocated `KVCache`."""
+
+    def __init__(self, config: EngineConfig, model: Llama) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.kv = KVCache(
+            num_layers=cfg.num_layers,
+            num_slots=config.max_sessions,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            sinks=config.sinks,
+            window=config.window,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        self.bytes_per_slot = self.kv.bytes_per_slot
+        self.logits_hook: LogitsHook | None = None  # diagnostics and tests: sees raw logits
+
+    @torch.inference_mode()
+    def logits(self, items: Sequence[StepItem]) -> torch.Tensor:
+        """Feed `items`; float32 logits [n, vocab] for the items that want them."""
+        return self.model.forward(self.kv, self.kv.plan(items))
+
+    def step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:
+        logits = self.logits(items)
+        if self.logits_hook is not None:
+            self.logits_hook(rows, logits)
+        return sample(logits, rows)
+
+    def new_rng(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        rng = torch.Generator(device=self.model.device)
+        rng.manual_seed(seed)
+        return rng
+
+    def save(self, slot: int) -> HostSlot:
+        return self.kv.save(slot)
+
+    def load(self, slot: int, saved: HostSlot) -> None:
+        self.kv.load(slot, saved)
+
+    def clear(self, slot: int) -> None:
+        self.kv.clear(slot)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]

@@ -1,0 +1,78 @@
+"""Small random-weight Llama models and an engine wired to record its logits."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from service.config import EngineConfig
+from service.engine.engine import Engine
+from service.engine.model import Llama
+from service.engine.runner import TorchRunner
+from service.engine.tokenizer import Tokenizer
+from service.engine.weights import ModelConfig
+
+
+def tiny_model(vocab: int, *, seed: int = 0, qkv_bias: bool = True) -> tuple[ModelConfig, dict]:
+    """A 2-layer GQA Llama (4 query heads, 2 KV heads) with random weights."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    h, inter, hd, nh, nkv, layers = 32, 64, 8, 4, 2, 2
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=nh,
+        num_kv_heads=nkv,
+        head_dim=hd,
+        rms_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position=64,
+        tie_embeddings=False,
+        qkv_bias=qkv_bias,
+        bos_id=None,
+        eos_ids=(),
+    )
+    t = {"embed": rnd(vocab, h, scale=1.0), "norm": 1 + rnd(h, scale=0.1)}
+    t["lm_head"] = rnd(vocab, h, scale=0.3)
+    for i in range(layers):
+        p = f"layers.{i}."
+        t |= {
+            p + "attn_norm": 1 + rnd(h, scale=0.1),
+            p + "ffn_norm": 1 + rnd(h, scale=0.1),
+            p + "wq": rnd(nh * hd, h, scale=0.4),
+            p + "wk": rnd(nkv * hd, h, scale=0.4),
+            p + "wv": rnd(nkv * hd, h, scale=0.3),
+            p + "wo": rnd(h, nh * hd, scale=0.2),
+            p + "w_gate": rnd(inter, h, scale=0.2),
+            p + "w_up": rnd(inter, h, scale=0.2),
+            p + "w_down": rnd(h, inter, scale=0.2),
+        }
+        if qkv_bias:
+            t |= {p + "bq": rnd(nh * hd, scale=0.1), p + "bk": rnd(nkv * hd, scale=0.1)}
+            t[p + "bv"] = rnd(nkv * hd, scale=0.1)
+    return cfg, t
+
+
+class RecordingEngine:
+    """An engine over a tiny model whose sampled logits are kept per turn id."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, tensors: dict, cfg: ModelConfig, **config: object
+    ) -> None:
+        self.config = EngineConfig(**config)  # type: ignore[arg-type]
+        model = Llama(cfg, tensors, torch.float32, torch.device("cpu"))
+        self.runner = TorchRunner(self.config, model)
+        self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.runner.logits_hook = self._record
+        self.engine = Engine(self.config, self.runner, tokenizer)
+
+    def _record(self, rows, logits: torch.Tensor) -> None:
+        for row, values in zip(rows, logits, strict=True):
+            self.logits[row.turn_id].append(values.clone())
