@@ -9,6 +9,9 @@ to it, and finalizing the old instance only after its in-flight requests ended. 
 - a new instance notes which older instances are alive when it starts; its importer
   waits until none is (bounded), then imports every `*.sessions` file and deletes it.
 
+Exact KV travels only between engines with the same `fingerprint` (weights, dtype, cache
+shape); otherwise snapshots lose their KV and the engine rebuilds them from their tokens.
+
 Until that import is done, a request whose session the new engine does not know waits for
 it, so a turn never runs on a stale copy of a session. Only one instance per model may
 use a directory (instance_group count 1). Snapshot files are pickles: the directory must
@@ -17,6 +20,7 @@ be private to the server (mode 0700).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import pickle
@@ -63,8 +67,9 @@ class Handoff:
         self._predecessors = alive
         return alive
 
-    def collect(self, timeout_s: float, poll_s: float = 0.05) -> list[Any]:
-        """Wait until every older instance has finalized, then take their sessions.
+    def collect(self, fingerprint: str, timeout_s: float, poll_s: float = 0.05) -> list[Any]:
+        """Wait until every older instance has finalized, then take their sessions (without
+        their KV where it came from an engine with another fingerprint).
 
         Raises TimeoutError if one is still alive after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
@@ -75,18 +80,23 @@ class Handoff:
         snaps: list[Any] = []
         for path in sorted(self.directory.glob("*.sessions")):
             with path.open("rb") as f:
-                snaps.extend(pickle.load(f))
+                theirs, sessions = pickle.load(f)
             path.unlink()
-            log.info("sessions taken over", file=path.name, total=len(snaps))
+            exact = theirs == fingerprint
+            if not exact:
+                sessions = [dataclasses.replace(snap, kv=None) for snap in sessions]
+            snaps.extend(sessions)
+            log.info("sessions taken over", file=path.name, sessions=len(sessions), exact_kv=exact)
         return snaps
 
-    def leave(self, snapshots: list[Any]) -> None:
-        """Write this instance's sessions for the next one, then release the lock."""
+    def leave(self, fingerprint: str, snapshots: list[Any]) -> None:
+        """Write this instance's sessions for the next one, then release the lock.
+        Snapshots are dataclasses with a `kv` field (the engine's SessionSnapshot)."""
         if snapshots:
             final = self.directory / f"{self.generation}.sessions"
             tmp = final.with_suffix(".tmp")
             with tmp.open("wb") as f:
-                pickle.dump(snapshots, f, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump((fingerprint, snapshots), f, protocol=pickle.HIGHEST_PROTOCOL)
             tmp.replace(final)
             log.info("sessions handed off", file=final.name, sessions=len(snapshots))
         self.release()

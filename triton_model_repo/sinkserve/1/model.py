@@ -16,12 +16,12 @@ import numpy as np
 import structlog
 import triton_python_backend_utils as pb_utils
 
-from service.engine import Engine
+from service.engine.engine import Engine
 from service.engine.types import EngineError, Usage
 from service.triton.adapter import CancelWatcher, Outputs, TurnRequest, TurnResponder, parse_request
 from service.triton.handoff import Handoff
 from service.triton.metrics import EngineMetrics
-from service.triton.settings import parse_parameters
+from service.triton.settings import kv_fingerprint, parse_parameters
 
 log = structlog.get_logger("sinkserve.triton")
 NO_USAGE = Usage(prompt_tokens=0, generated_tokens=0, position=0, cached_tokens=0, evicted_tokens=0)
@@ -32,6 +32,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         name = args["model_name"]
         self.settings = parse_parameters(config.get("parameters", {}), name)
+        self.fingerprint = kv_fingerprint(self.settings.engine)
         self.engine = Engine.load(self.settings.engine)
         self.engine.start()
         self.handoff = Handoff(self.settings.handoff_dir)
@@ -53,7 +54,7 @@ class TritonPythonModel:
     def _take_over(self) -> None:
         """Import the sessions of the instance this one replaces, once it has drained."""
         try:
-            snapshots = self.handoff.collect(self.settings.handoff_timeout_s)
+            snapshots = self.handoff.collect(self.fingerprint, self.settings.handoff_timeout_s)
             if snapshots:
                 self.engine.import_sessions(snapshots)
         except Exception as exc:  # reported to every request that needed the import
@@ -141,5 +142,5 @@ class TritonPythonModel:
             snapshots = self.engine.export_sessions()
         finally:
             self.engine.shutdown(10.0)
-        self.handoff.leave(list(snapshots))
+        self.handoff.leave(self.fingerprint, snapshots)
         log.info("model finalized", sessions=len(snapshots), generation=self.handoff.generation)
