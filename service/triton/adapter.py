@@ -28,6 +28,7 @@ T = TypeVar("T")
 Outputs = dict[str, np.ndarray]
 GetInput = Callable[[str], "np.ndarray | None"]
 
+DEFAULT_MAX_TOKENS = 256  # when the request has no max_tokens (capped by the engine's limit)
 USAGE_OUTPUTS = (
     "prompt_tokens",
     "generated_tokens",
@@ -75,7 +76,9 @@ def parse_request(get: GetInput, max_new_tokens_limit: int) -> TurnRequest:
         raise InvalidRequest("system_prompt is only accepted with start_session")
     seed = _scalar(get, "random_seed", int, None)
     sampling = SamplingParams(
-        max_new_tokens=_scalar(get, "max_tokens", int, 256),
+        max_new_tokens=_scalar(
+            get, "max_tokens", int, min(DEFAULT_MAX_TOKENS, max_new_tokens_limit)
+        ),
         temperature=_scalar(get, "temperature", float, 0.0),
         top_k=_scalar(get, "top_k", int, 0),
         top_p=_scalar(get, "top_p", float, 1.0),

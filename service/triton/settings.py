@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,16 +25,12 @@ class ModelSettings:
 
 def kv_fingerprint(config: EngineConfig) -> str:
     """Identifies what makes a KV snapshot reusable: the weights file, dtype, cache shape."""
-    model = Path(config.model) if config.model else Path(str(default_model_path()))
+    from service.engine.weights import default_model_path
+
+    model = Path(config.model) if config.model else default_model_path()
     stat = model.stat() if model.exists() else None
     weights = f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}" if stat else str(model)
     return f"{weights}|{config.runner}|{config.dtype}|{config.sinks}|{config.window}"
-
-
-def default_model_path() -> Any:
-    from service.engine.weights import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE
-
-    return importlib.resources.files(DEFAULT_MODEL_PACKAGE) / DEFAULT_MODEL_FILE
 
 
 def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSettings:

@@ -43,6 +43,10 @@ def test_a_minimal_request_gets_the_documented_defaults():
     assert turn.sampling.temperature == 0.0
 
 
+def test_the_default_max_tokens_is_capped_by_the_engines_limit():
+    assert parse_request(inputs(text_input="hi", session_id="s"), 64).sampling.max_new_tokens == 64
+
+
 def test_sampling_and_session_inputs_are_read():
     turn = parse_request(
         inputs(
