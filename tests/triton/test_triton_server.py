@@ -7,6 +7,9 @@ import json
 import re
 import time
 import urllib.request
+from pathlib import Path
+
+from conftest import MODEL, TEST_PARAMETERS, write_parameters
 
 from service.triton.launcher import TritonServer
 
@@ -190,3 +193,21 @@ async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_
     nxt = await client.turn("in-flight", "Thanks!", max_tokens=8)
     assert not nxt.error, nxt.error
     assert nxt.usage["cache_position"] > first.usage["cache_position"]
+
+
+async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_from_tokens(
+    client, triton
+):
+    first = (await conversation(client, "rebuilt", QUESTIONS[:2]))[-1]
+    await client.grpc.unload_model(MODEL)
+    config = Path(triton.model_repository) / MODEL / "config.pbtxt"
+    write_parameters(config, {**TEST_PARAMETERS, "dtype": "bfloat16"})
+    try:
+        await client.grpc.load_model(MODEL)
+        reply = await client.turn("rebuilt", QUESTIONS[2], max_tokens=24)
+        assert not reply.error, reply.error
+        assert "Rome" in reply.text
+        assert reply.usage["cache_position"] > first.usage["cache_position"]
+    finally:
+        write_parameters(config, TEST_PARAMETERS)
+        await client.grpc.load_model(MODEL)
