@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import numpy as np
+import structlog
 
 from service.engine.types import (
     Event,
@@ -24,6 +25,7 @@ from service.engine.types import (
     Usage,
 )
 
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Outputs = dict[str, np.ndarray]
 GetInput = Callable[[str], "np.ndarray | None"]
@@ -163,6 +165,9 @@ class TurnResponder:
     token and the usage. Not streaming: one FINAL response with the whole text.
     Invariant: exactly one FINAL response is sent, after which nothing is sent.
     `before_final` runs (on the calling thread) just before the FINAL response goes out.
+    Nothing here raises into the caller (the engine thread): a failing send or hook is
+    logged; after a failed send the request is `abandoned` (the cancel watcher cancels
+    its turn) and nothing more is sent.
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class TurnResponder:
         self._ids: list[int] = []
         self._lock = threading.Lock()
         self.done = threading.Event()
+        self.abandoned = threading.Event()
 
     def on_events(self, events: Sequence[Event]) -> None:
         with self._lock:
@@ -190,33 +196,44 @@ class TurnResponder:
                     self._text.append(ev.text)
             if end is None:
                 if self._stream and self._ids:
-                    self._send(self._take(), None, False)
+                    self._deliver(self._take(), None, False)
                 return
             if self._before_final is not None:
-                self._before_final(end)
-            self.done.set()
+                try:
+                    self._before_final(end)
+                except Exception:
+                    log.exception("before-final hook failed")
             if end.finish_reason is FinishReason.ERROR:
-                self._send(None, error_message(end.error_code or "INTERNAL", end.error), True)
+                self._deliver(None, error_message(end.error_code or "INTERNAL", end.error), True)
             else:
                 out = self._take()
                 out.update(usage_outputs(end.finish_reason.value, end.usage))
-                self._send(out, None, True)
+                self._deliver(out, None, True)
 
     def fail(self, code: str, message: str) -> None:
         """End the request with an in-band error (FINAL), unless it already ended."""
         with self._lock:
             if not self.done.is_set():
-                self.done.set()
-                self._send(None, error_message(code, message), True)
+                self._deliver(None, error_message(code, message), True)
 
     def finish(self, reason: str, usage: Usage) -> None:
         """End a request that ran no turn (only started or ended a session)."""
         with self._lock:
             if not self.done.is_set():
-                self.done.set()
                 out = self._take()
                 out.update(usage_outputs(reason, usage))
-                self._send(out, None, True)
+                self._deliver(out, None, True)
+
+    def _deliver(self, outputs: Outputs | None, error: str | None, final: bool) -> None:
+        if final:
+            self.done.set()
+        if self.abandoned.is_set():
+            return
+        try:
+            self._send(outputs, error, final)
+        except Exception:
+            log.exception("sending a response failed; the request is abandoned")
+            self.abandoned.set()
 
     def _take(self) -> Outputs:
         text, ids = "".join(self._text), self._ids

@@ -165,3 +165,17 @@ def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones(
         start = time.monotonic()
         watcher.close()
         assert time.monotonic() - start < 1
+
+
+def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_request():
+    calls = []
+
+    def broken(outputs, error, final):
+        calls.append(final)
+        raise RuntimeError("client went away")
+
+    responder = TurnResponder(broken, stream=True)
+    responder.on_events([TokenEvent(1, "a", 0)])
+    assert responder.abandoned.is_set() and not responder.done.is_set()
+    responder.on_events([TurnEnd(FinishReason.CANCELLED, USAGE)])
+    assert responder.done.is_set() and calls == [False]

@@ -211,3 +211,10 @@ async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_fro
     finally:
         write_parameters(config, TEST_PARAMETERS)
         await client.grpc.load_model(MODEL)
+
+
+async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(client):
+    await client.turn("whole", "Hi", start_session=True, max_tokens=1)
+    reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
+    assert not reply.error and reply.responses == 1
+    assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"

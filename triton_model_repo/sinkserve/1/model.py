@@ -90,6 +90,10 @@ class TritonPythonModel:
         except EngineError as exc:
             TurnResponder(send, stream=False).fail(exc.code, str(exc))
             return
+        except Exception as exc:  # a bug here must not leave the request without FINAL
+            log.exception("request parsing failed")
+            TurnResponder(send, stream=False).fail("INTERNAL", f"{type(exc).__name__}: {exc}")
+            return
         responder = TurnResponder(send, turn.stream, before_final=self._ender(turn))
         if self.imported.is_set() or self.engine.has_session(turn.session_id):
             self._run(request, turn, responder)
@@ -131,7 +135,12 @@ class TritonPythonModel:
         except EngineError as exc:
             responder.fail(exc.code, str(exc))
             return
-        self.watcher.watch(turn_id, request.is_cancelled, responder.done)
+        except Exception as exc:
+            log.exception("starting the turn failed")
+            responder.fail("INTERNAL", f"{type(exc).__name__}: {exc}")
+            return
+        gone = responder.abandoned
+        self.watcher.watch(turn_id, lambda: gone.is_set() or request.is_cancelled(), responder.done)
 
     def finalize(self) -> None:
         """Triton calls this once no request is in flight: hand the sessions on, stop."""
