@@ -143,13 +143,13 @@ class TritonPythonModel:
         self.watcher.watch(turn_id, lambda: gone.is_set() or request.is_cancelled(), responder.done)
 
     def finalize(self) -> None:
-        """Triton calls this once no request is in flight: hand the sessions on, stop."""
+        """Triton calls this once no request is in flight (or its exit timeout passed): stop
+        the engine (a turn still running is cancelled and gets its FINAL), then hand the
+        sessions on to the next instance."""
         self.watcher.close()
         self.metrics.close()
         self.imported.wait(self.settings.handoff_timeout_s)
-        try:
-            snapshots = self.engine.export_sessions()
-        finally:
-            self.engine.shutdown(10.0)
+        self.engine.shutdown(10.0)
+        snapshots = self.engine.export_sessions()
         self.handoff.leave(self.fingerprint, snapshots)
         log.info("model finalized", sessions=len(snapshots), generation=self.handoff.generation)
