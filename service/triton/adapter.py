@@ -1,0 +1,286 @@
+"""Triton tensors <-> engine calls, without Triton: parsing inputs, turning events into
+responses, watching for cancelled requests.
+
+`model.py` supplies the Triton side: a getter for input arrays and a `send(outputs,
+error, final)` function; everything here works on numpy arrays and plain callables.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+import structlog
+
+from service.engine.types import (
+    Event,
+    FinishReason,
+    InvalidRequest,
+    SamplingParams,
+    TokenEvent,
+    TurnEnd,
+    Usage,
+)
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+Outputs = dict[str, np.ndarray]
+GetInput = Callable[[str], "np.ndarray | None"]
+
+DEFAULT_MAX_TOKENS = 256  # when the request has no max_tokens (capped by the engine's limit)
+USAGE_OUTPUTS = (
+    "prompt_tokens",
+    "generated_tokens",
+    "cache_position",
+    "cached_tokens",
+    "evicted_tokens",
+)
+
+
+class Send(Protocol):
+    """Deliver one response: outputs, or an in-band error message; `final` sets FINAL."""
+
+    def __call__(self, outputs: Outputs | None, error: str | None, final: bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One Triton request, validated. `text == ""` means no turn: only start/end a session."""
+
+    session_id: str
+    text: str
+    start_session: bool
+    system_prompt: str | None
+    end_session: bool
+    raw: bool
+    stream: bool
+    sampling: SamplingParams
+
+
+def parse_request(get: GetInput, max_new_tokens_limit: int) -> TurnRequest:
+    """Read and validate the inputs of the tensor interface; raise InvalidRequest naming
+    the offending input."""
+    session_id = _string(get, "session_id")
+    if not session_id:
+        raise InvalidRequest("session_id is required and must be non-empty")
+    text = _string(get, "text_input")
+    if text is None:
+        raise InvalidRequest("text_input is required")
+    start = _scalar(get, "start_session", bool, False)
+    end = _scalar(get, "end_session", bool, False)
+    if not text and not (start or end):
+        raise InvalidRequest("text_input is empty (allowed only with start_session or end_session)")
+    system = _string(get, "system_prompt")
+    if system and not start:
+        raise InvalidRequest("system_prompt is only accepted with start_session")
+    seed = _scalar(get, "random_seed", int, None)
+    sampling = SamplingParams(
+        max_new_tokens=_scalar(
+            get, "max_tokens", int, min(DEFAULT_MAX_TOKENS, max_new_tokens_limit)
+        ),
+        temperature=_scalar(get, "temperature", float, 0.0),
+        top_k=_scalar(get, "top_k", int, 0),
+        top_p=_scalar(get, "top_p", float, 1.0),
+        repetition_penalty=_scalar(get, "repetition_penalty", float, 1.0),
+        seed=seed,
+        stop=tuple(_strings(get, "stop_words")),
+    )
+    sampling.validate(max_new_tokens_limit)
+    return TurnRequest(
+        session_id=session_id,
+        text=text,
+        start_session=start,
+        system_prompt=system or None,
+        end_session=end,
+        raw=_scalar(get, "raw_prompt", bool, False),
+        stream=_scalar(get, "stream", bool, True),
+        sampling=sampling,
+    )
+
+
+def _strings(get: GetInput, name: str) -> list[str]:
+    arr = get(name)
+    if arr is None:
+        return []
+    try:
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)]
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"{name} is not valid UTF-8") from None
+
+
+def _string(get: GetInput, name: str) -> str | None:
+    if get(name) is None:
+        return None
+    values = _strings(get, name)
+    if len(values) != 1:
+        raise InvalidRequest(f"{name} must hold exactly one string, got {len(values)}")
+    return values[0]
+
+
+def _scalar(get: GetInput, name: str, kind: type[T], default: T) -> T:
+    arr = get(name)
+    if arr is None:
+        return default
+    if arr.size != 1:
+        raise InvalidRequest(f"{name} must hold exactly one value, got {arr.size}")
+    value = arr.reshape(-1)[0].item()
+    if kind is float and not np.isfinite(value):
+        raise InvalidRequest(f"{name}={value} is not finite")
+    return kind(value)  # type: ignore[call-arg]
+
+
+def _str_tensor(text: str) -> np.ndarray:
+    return np.array([text.encode()], dtype=np.object_)
+
+
+def usage_outputs(reason: str, usage: Usage) -> Outputs:
+    """The outputs only the last response carries."""
+    values = (
+        usage.prompt_tokens,
+        usage.generated_tokens,
+        usage.position,
+        usage.cached_tokens,
+        usage.evicted_tokens,
+    )
+    out = {"finish_reason": _str_tensor(reason)}
+    out.update(
+        {k: np.array([v], dtype=np.int64) for k, v in zip(USAGE_OUTPUTS, values, strict=True)}
+    )
+    return out
+
+
+def error_message(code: str, message: str) -> str:
+    """In-band error text: the status name first, e.g. 'NOT_FOUND: unknown session'."""
+    return f"{code}: {message}"
+
+
+class TurnResponder:
+    """Turns one turn's engine events into Triton responses.
+
+    Streaming: one response per engine call with that step's text delta and token ids; the
+    call that holds the TurnEnd yields a single FINAL response that also carries its last
+    token and the usage. Not streaming: one FINAL response with the whole text.
+    Invariant: exactly one FINAL response is sent, after which nothing is sent.
+    `before_final` runs (on the calling thread) just before the FINAL response goes out.
+    Nothing here raises into the caller (the engine thread): a failing send or hook is
+    logged; after a failed send the request is `abandoned` (the cancel watcher cancels
+    its turn) and nothing more is sent.
+    """
+
+    def __init__(
+        self, send: Send, stream: bool, before_final: Callable[[TurnEnd], None] | None = None
+    ):
+        self._send = send
+        self._stream = stream
+        self._before_final = before_final
+        self._text: list[str] = []
+        self._ids: list[int] = []
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        self.abandoned = threading.Event()
+
+    def on_events(self, events: Sequence[Event]) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            end: TurnEnd | None = None
+            for ev in events:
+                if isinstance(ev, TokenEvent):
+                    self._text.append(ev.text)
+                    self._ids.append(ev.token_id)
+                else:
+                    end = ev
+                    self._text.append(ev.text)
+            if end is None:
+                if self._stream and self._ids:
+                    self._deliver(self._take(), None, False)
+                return
+            if self._before_final is not None:
+                try:
+                    self._before_final(end)
+                except Exception:
+                    log.exception("before-final hook failed")
+            if end.finish_reason is FinishReason.ERROR:
+                self._deliver(None, error_message(end.error_code or "INTERNAL", end.error), True)
+            else:
+                out = self._take()
+                out.update(usage_outputs(end.finish_reason.value, end.usage))
+                self._deliver(out, None, True)
+
+    def fail(self, code: str, message: str) -> None:
+        """End the request with an in-band error (FINAL), unless it already ended."""
+        with self._lock:
+            if not self.done.is_set():
+                self._deliver(None, error_message(code, message), True)
+
+    def finish(self, reason: str, usage: Usage) -> None:
+        """End a request that ran no turn (only started or ended a session)."""
+        with self._lock:
+            if not self.done.is_set():
+                out = self._take()
+                out.update(usage_outputs(reason, usage))
+                self._deliver(out, None, True)
+
+    def _deliver(self, outputs: Outputs | None, error: str | None, final: bool) -> None:
+        if final:
+            self.done.set()
+        if self.abandoned.is_set():
+            return
+        try:
+            self._send(outputs, error, final)
+        except Exception:
+            log.exception("sending a response failed; the request is abandoned")
+            self.abandoned.set()
+
+    def _take(self) -> Outputs:
+        text, ids = "".join(self._text), self._ids
+        self._text, self._ids = [], []
+        return {"text_output": _str_tensor(text), "output_ids": np.array(ids, dtype=np.int32)}
+
+
+class CancelWatcher:
+    """Polls `is_cancelled` of running requests and cancels their turns.
+
+    One light thread for all requests, so neither `execute()` nor the engine thread
+    blocks on Triton's cancellation query. A turn is watched until its `done` event is
+    set (its FINAL response went out) or it was cancelled.
+    """
+
+    def __init__(self, cancel: Callable[[int], None], interval_s: float = 0.05):
+        self._cancel = cancel
+        self._interval_s = interval_s
+        self._watched: dict[int, tuple[Callable[[], bool], threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sinkserve-cancel", daemon=True)
+        self._thread.start()
+
+    def watch(self, turn_id: int, is_cancelled: Callable[[], bool], done: threading.Event) -> None:
+        with self._lock:
+            self._watched[turn_id] = (is_cancelled, done)
+
+    def watching(self) -> int:
+        with self._lock:
+            return len(self._watched)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """One pass: forget finished turns, cancel those whose request was cancelled."""
+        with self._lock:
+            watched = list(self._watched.items())
+        for turn_id, (is_cancelled, done) in watched:
+            if done.is_set() or is_cancelled():
+                with self._lock:
+                    self._watched.pop(turn_id, None)
+                if not done.is_set():
+                    self._cancel(turn_id)

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
+from service.triton.adapter import CancelWatcher, TurnResponder, parse_request
+
+USAGE = Usage(prompt_tokens=5, generated_tokens=2, position=40, cached_tokens=40, evicted_tokens=0)
+
+
+def inputs(**values: object):
+    arrays = {}
+    for name, value in values.items():
+        if isinstance(value, str):
+            arrays[name] = np.array([value.encode()], dtype=np.object_)
+        elif isinstance(value, list):
+            arrays[name] = np.array([v.encode() for v in value], dtype=np.object_)
+        else:
+            arrays[name] = np.array([value])
+    return arrays.get
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict | None, str | None, bool]] = []
+
+    def __call__(self, outputs, error, final) -> None:
+        self.sent.append((outputs, error, final))
+
+
+def text_of(outputs) -> str:
+    return outputs["text_output"][0].decode()
+
+
+def test_a_minimal_request_gets_the_documented_defaults():
+    turn = parse_request(inputs(text_input="hi", session_id="s"), 4096)
+    assert (turn.session_id, turn.text, turn.stream, turn.raw) == ("s", "hi", True, False)
+    assert turn.sampling.max_new_tokens == 256
+    assert turn.sampling.temperature == 0.0
+
+
+def test_the_default_max_tokens_is_capped_by_the_engines_limit():
+    assert parse_request(inputs(text_input="hi", session_id="s"), 64).sampling.max_new_tokens == 64
+
+
+def test_sampling_and_session_inputs_are_read():
+    turn = parse_request(
+        inputs(
+            text_input="hi",
+            session_id="s",
+            start_session=True,
+            system_prompt="be brief",
+            max_tokens=np.int32(7),
+            temperature=np.float32(0.5),
+            random_seed=np.uint64(3),
+            stop_words=["a", "b"],
+            stream=False,
+        ),
+        4096,
+    )
+    assert turn.start_session and turn.system_prompt == "be brief" and not turn.stream
+    assert turn.sampling.max_new_tokens == 7 and turn.sampling.seed == 3
+    assert turn.sampling.stop == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"session_id": "s"}, "text_input"),
+        ({"text_input": "hi"}, "session_id"),
+        ({"text_input": "hi", "session_id": ""}, "session_id"),
+        ({"text_input": "", "session_id": "s"}, "text_input"),
+        ({"text_input": "hi", "session_id": "s", "max_tokens": 0}, "max_new_tokens"),
+        ({"text_input": "hi", "session_id": "s", "max_tokens": 99999}, "max_new_tokens"),
+        ({"text_input": "hi", "session_id": "s", "top_p": 0.0}, "top_p"),
+        ({"text_input": "hi", "session_id": "s", "temperature": float("nan")}, "temperature"),
+        ({"text_input": "hi", "session_id": "s", "system_prompt": "x"}, "system_prompt"),
+    ],
+)
+def test_bad_inputs_are_rejected_naming_the_input(values, named):
+    with pytest.raises(InvalidRequest, match=named):
+        parse_request(inputs(**values), 4096)
+
+
+def test_empty_text_is_accepted_to_just_end_a_session():
+    turn = parse_request(inputs(text_input="", session_id="s", end_session=True), 4096)
+    assert turn.end_session and turn.text == ""
+
+
+def test_streamed_tokens_arrive_one_response_per_step_and_the_last_is_merged_with_usage():
+    rec = Recorder()
+    responder = TurnResponder(rec, stream=True)
+    responder.on_events([TokenEvent(1, "Hel", 0)])
+    responder.on_events([TokenEvent(2, "lo", 1), TurnEnd(FinishReason.LENGTH, USAGE)])
+    assert [final for _, _, final in rec.sent] == [False, True]
+    first, last = rec.sent[0][0], rec.sent[1][0]
+    assert text_of(first) == "Hel" and first["output_ids"].tolist() == [1]
+    assert text_of(last) == "lo" and last["output_ids"].tolist() == [2]
+    assert last["finish_reason"][0] == b"length"
+    assert last["prompt_tokens"].tolist() == [5] and last["cache_position"].tolist() == [40]
+    assert responder.done.is_set()
+
+
+def test_a_non_streamed_turn_is_one_final_response_with_the_whole_text():
+    rec = Recorder()
+    responder = TurnResponder(rec, stream=False)
+    responder.on_events([TokenEvent(1, "Hel", 0)])
+    responder.on_events([TokenEvent(2, "lo", 1)])
+    responder.on_events([TurnEnd(FinishReason.STOP, USAGE, text="!")])
+    assert len(rec.sent) == 1
+    outputs, error, final = rec.sent[0]
+    assert final and error is None
+    assert text_of(outputs) == "Hello!" and outputs["output_ids"].tolist() == [1, 2]
+
+
+def test_an_engine_error_ends_the_request_in_band_with_its_status_name():
+    rec = Recorder()
+    responder = TurnResponder(rec, stream=True)
+    responder.on_events(
+        [TurnEnd(FinishReason.ERROR, USAGE, error="no slot", error_code="RESOURCE_EXHAUSTED")]
+    )
+    assert rec.sent == [(None, "RESOURCE_EXHAUSTED: no slot", True)]
+
+
+def test_nothing_is_sent_after_the_final_response():
+    rec = Recorder()
+    responder = TurnResponder(rec, stream=True)
+    responder.fail("NOT_FOUND", "unknown session 'x'")
+    responder.on_events([TokenEvent(1, "a", 0)])
+    responder.finish("stop", USAGE)
+    assert rec.sent == [(None, "NOT_FOUND: unknown session 'x'", True)]
+
+
+def test_the_hook_before_final_runs_before_the_final_response():
+    order: list[str] = []
+    responder = TurnResponder(
+        lambda o, e, f: order.append("final"),
+        stream=True,
+        before_final=lambda end: order.append("hook"),
+    )
+    responder.on_events([TurnEnd(FinishReason.STOP, USAGE)])
+    assert order == ["hook", "final"]
+
+
+def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones():
+    cancelled: list[int] = []
+    watcher = CancelWatcher(cancelled.append, interval_s=3600)
+    try:
+        done, running = threading.Event(), threading.Event()
+        done.set()
+        flag = {"cancel": False}
+        watcher.watch(1, lambda: True, done)
+        watcher.watch(2, lambda: flag["cancel"], running)
+        watcher.poll()
+        assert cancelled == [] and watcher.watching() == 1
+        flag["cancel"] = True
+        watcher.poll()
+        watcher.poll()
+        assert cancelled == [2] and watcher.watching() == 0
+    finally:
+        start = time.monotonic()
+        watcher.close()
+        assert time.monotonic() - start < 1
+
+
+def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_request():
+    calls = []
+
+    def broken(outputs, error, final):
+        calls.append(final)
+        raise RuntimeError("client went away")
+
+    responder = TurnResponder(broken, stream=True)
+    responder.on_events([TokenEvent(1, "a", 0)])
+    assert responder.abandoned.is_set() and not responder.done.is_set()
+    responder.on_events([TurnEnd(FinishReason.CANCELLED, USAGE)])
+    assert responder.done.is_set() and calls == [False]

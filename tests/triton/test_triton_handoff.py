@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.engine.engine import SessionSnapshot
+from service.triton.handoff import Handoff
+
+
+def snap(sid: str, kv: object = None) -> SessionSnapshot:
+    return SessionSnapshot(sid, None, 3, [1], [2, 3], [], False, 1, kv)  # type: ignore[arg-type]
+
+
+def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path: Path):
+    old = Handoff(tmp_path)
+    new = Handoff(tmp_path)
+    taken: list[object] = []
+    collector = threading.Thread(target=lambda: taken.extend(new.collect("fp", timeout_s=10)))
+    collector.start()
+    time.sleep(0.2)
+    assert collector.is_alive() and taken == []
+    old.leave("fp", [snap("a"), snap("b")])
+    collector.join(timeout=5)
+    assert taken == [snap("a"), snap("b")]
+    assert list(tmp_path.glob("*.sessions")) == []
+    new.release()
+
+
+def test_a_successor_gives_up_waiting_after_the_timeout(tmp_path: Path):
+    old = Handoff(tmp_path)
+    new = Handoff(tmp_path)
+    with pytest.raises(TimeoutError, match="draining"):
+        new.collect("fp", timeout_s=0.2)
+    old.release()
+    new.release()
+
+
+def test_sessions_left_by_an_unloaded_model_wait_for_the_next_load(tmp_path: Path):
+    Handoff(tmp_path).leave("fp", [snap("a", kv="exact")])
+    later = Handoff(tmp_path)
+    assert later.collect("fp", timeout_s=1) == [snap("a", kv="exact")]
+    later.release()
+
+
+def test_exact_kv_is_dropped_when_the_engine_differs(tmp_path: Path):
+    Handoff(tmp_path).leave("old weights", [snap("a", kv="exact")])
+    later = Handoff(tmp_path)
+    assert later.collect("new weights", timeout_s=1) == [snap("a")]
+    later.release()

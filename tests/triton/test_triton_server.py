@@ -1,0 +1,220 @@
+"""Acceptance of the Triton model: a real tritonserver on loopback, the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import MODEL, TEST_PARAMETERS, write_parameters
+
+from service.triton.launcher import TritonServer
+
+QUESTIONS = ["What is the capital of France?", "And of Germany?", "And of Italy?"]
+LONG = "Write a long story about a dragon who learns to cook."
+
+
+def metric(server: TritonServer, name: str) -> float | None:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)
+    return float(m.group(1)) if m else None
+
+
+def wait_for_metric(server: TritonServer, name: str, ok, timeout_s: float = 10) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    value = metric(server, name)
+    while not (value is not None and ok(value)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = metric(server, name)
+    return value
+
+
+async def conversation(client, sid: str, turns: list[str]) -> list:
+    replies = []
+    for i, text in enumerate(turns):
+        reply = await client.turn(sid, text, start_session=(i == 0), max_tokens=24)
+        assert not reply.error, reply.error
+        replies.append(reply)
+    return replies
+
+
+async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tokens(client):
+    replies = await conversation(client, "three", QUESTIONS)
+    assert "Paris" in replies[0].text
+    for reply in replies:
+        assert reply.responses > 1  # streamed, not one blob
+        assert reply.final["finish_reason"][0] in (b"stop", b"length")
+        # Every streamed token is counted; a final stop token is counted, not streamed.
+        assert len(reply.ids) in (
+            reply.usage["generated_tokens"],
+            reply.usage["generated_tokens"] - 1,
+        )
+    two, three = replies[1].usage, replies[2].usage
+    # Turn 3 prefilled only its own few tokens, not the conversation so far...
+    assert three["prompt_tokens"] < 20 < two["cache_position"]
+    # ...and its cache position continues from turn 2 (the last sampled token of a turn
+    # enters the cache with the next one).
+    assert three["cache_position"] == (
+        two["cache_position"] + three["prompt_tokens"] + three["generated_tokens"] - 1
+    )
+    assert three["cached_tokens"] <= 4 + 60 and three["evicted_tokens"] > 0
+
+
+async def test_two_sessions_streamed_at_once_interleave(client):
+    arrivals: list[tuple[str, bool]] = []
+
+    async def stream(sid: str) -> None:
+        await client.turn(sid, "Hi", start_session=True, max_tokens=1)
+        async for result, error in client.stream(session_id=sid, text_input=LONG, max_tokens=32):
+            assert error is None, error
+            final = result.as_numpy("finish_reason") is not None
+            arrivals.append((sid, final))
+
+    await asyncio.wait_for(asyncio.gather(stream("left"), stream("right")), 120)
+    first_final = next(i for i, (_, final) in enumerate(arrivals) if final)
+    assert {sid for sid, _ in arrivals[:first_final]} == {"left", "right"}
+
+
+async def test_the_http_generate_stream_endpoint_streams_server_sent_events(client, triton):
+    await client.turn("http", "Hi", start_session=True, max_tokens=1)
+    body = json.dumps({"text_input": QUESTIONS[0], "session_id": "http", "max_tokens": 16})
+    request = urllib.request.Request(
+        f"{triton.http_url}/v2/models/sinkserve/generate_stream",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+
+    def read() -> list[dict]:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            lines = resp.read().decode().splitlines()
+        return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
+
+    events = await asyncio.to_thread(read)
+    assert len(events) > 1
+    assert "Paris" in "".join(e["text_output"] for e in events)
+    assert events[-1]["finish_reason"] in ("stop", "length")
+    assert all("finish_reason" not in e for e in events[:-1])
+
+
+async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(client, triton):
+    await client.turn("bad", "Hi", start_session=True, max_tokens=1)
+    cases = [
+        ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: unknown session 'nobody'"),
+        ({"session_id": "bad", "text": ""}, "INVALID_ARGUMENT: text_input is empty"),
+        ({"session_id": "", "text": "Hi"}, "INVALID_ARGUMENT: session_id"),
+        (
+            {"session_id": "bad", "text": "Hi", "max_tokens": 100000},
+            "INVALID_ARGUMENT: max_new_tokens",
+        ),
+        ({"session_id": "bad", "text": "Hi", "max_tokens": 0}, "INVALID_ARGUMENT: max_new_tokens"),
+        ({"session_id": "bad", "text": "Hi", "start_session": True}, "already exists"),
+        ({"session_id": "bad", "text": "Hi", "top_p": 2.0}, "INVALID_ARGUMENT: top_p"),
+    ]
+    for inputs, expected in cases:
+        reply = await client.turn(inputs.pop("session_id"), inputs.pop("text"), **inputs)
+        assert expected in reply.error, (inputs, reply.error)
+        assert reply.responses == 1
+    # Too many sessions: the limit is max_sessions + max_host_sessions = 32.
+    opened = []
+    for i in range(40):
+        reply = await client.turn(f"many-{i}", "", start_session=True)
+        if reply.error:
+            assert reply.error.startswith("RESOURCE_EXHAUSTED: too many sessions")
+            break
+        opened.append(f"many-{i}")
+    else:
+        raise AssertionError("the session limit was never reached")
+    for sid in opened:
+        assert not (await client.turn(sid, "", end_session=True)).error
+    assert triton.is_ready()
+    assert "Paris" in (await client.turn("bad", QUESTIONS[0], max_tokens=16)).text
+
+
+async def test_sinkserve_metrics_appear_on_the_metrics_port(client, triton):
+    await conversation(client, "metrics", QUESTIONS[:1])
+    assert wait_for_metric(triton, "sinkserve_generated_tokens_total", lambda v: v > 0)
+    for name in (
+        "sinkserve_sessions_active",
+        "sinkserve_sessions_in_slots",
+        "sinkserve_sessions_swapped",
+        "sinkserve_slots_free",
+        "sinkserve_prefill_tokens_total",
+        "sinkserve_evicted_tokens_total",
+    ):
+        assert metric(triton, name) is not None, name
+    assert metric(triton, "nv_inference_count") is not None
+
+
+async def test_a_cancelled_stream_ends_its_turn_frees_the_slot_and_a_reload_right_after_is_quick(
+    client, triton
+):
+    await client.turn("cancel", "Hi", start_session=True, max_tokens=1)
+    stream = client.stream(session_id="cancel", text_input=LONG, max_tokens=64)
+    received = 0
+    async for _, error in stream:
+        assert error is None
+        received += 1
+        if received == 3:
+            break
+    stream.cancel()
+    # The engine notices within a step: no turn runs any more.
+    assert wait_for_metric(triton, "sinkserve_turns_running", lambda v: v == 0) == 0
+    seconds = await client.reload()
+    assert seconds < 60
+    # The next turn only runs once the old instance finalized (it hands the session
+    # over then), which needs every request it served to have had its FINAL response.
+    start = time.monotonic()
+    reply = await client.turn("cancel", QUESTIONS[0], max_tokens=16, timeout_s=30)
+    assert not reply.error and "Paris" in reply.text
+    assert time.monotonic() - start < 30
+
+
+async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(client):
+    baseline = await conversation(client, "no-reload", QUESTIONS)
+    before = await conversation(client, "reloaded", QUESTIONS[:2])
+    await client.turn("in-flight", "Hi", start_session=True, max_tokens=1)
+    # A turn in flight while the model reloads finishes on the old instance.
+    in_flight = asyncio.create_task(client.turn("in-flight", LONG, max_tokens=64))
+    await asyncio.sleep(0.5)
+    await client.reload()
+    first = await in_flight
+    assert not first.error and first.final
+    after = await client.turn("reloaded", QUESTIONS[2], max_tokens=24)
+    assert not after.error, after.error
+    assert after.ids == baseline[2].ids
+    assert after.usage == baseline[2].usage
+    assert before[1].usage["cache_position"] < after.usage["cache_position"]
+    # The session whose turn straddled the reload continues too.
+    nxt = await client.turn("in-flight", "Thanks!", max_tokens=8)
+    assert not nxt.error, nxt.error
+    assert nxt.usage["cache_position"] > first.usage["cache_position"]
+
+
+async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_from_tokens(
+    client, triton
+):
+    first = (await conversation(client, "rebuilt", QUESTIONS[:2]))[-1]
+    await client.grpc.unload_model(MODEL)
+    config = Path(triton.model_repository) / MODEL / "config.pbtxt"
+    write_parameters(config, {**TEST_PARAMETERS, "dtype": "bfloat16"})
+    try:
+        await client.grpc.load_model(MODEL)
+        reply = await client.turn("rebuilt", QUESTIONS[2], max_tokens=24)
+        assert not reply.error, reply.error
+        assert "Rome" in reply.text
+        assert reply.usage["cache_position"] > first.usage["cache_position"]
+    finally:
+        write_parameters(config, TEST_PARAMETERS)
+        await client.grpc.load_model(MODEL)
+
+
+async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(client):
+    await client.turn("whole", "Hi", start_session=True, max_tokens=1)
+    reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
+    assert not reply.error and reply.responses == 1
+    assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"

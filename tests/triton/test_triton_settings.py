@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError
+from service.triton.settings import parse_parameters
+
+
+def params(**values: str) -> dict[str, dict[str, str]]:
+    return {k: {"string_value": v} for k, v in values.items()}
+
+
+def test_engine_settings_come_from_the_parameters(tmp_path: Path):
+    s = parse_parameters(params(sinks="4", window="60", handoff_dir=str(tmp_path)), "m")
+    assert (s.engine.sinks, s.engine.window) == (4, 60)
+    assert s.handoff_dir == tmp_path / "m"
+
+
+def test_an_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigError, match="windw"):
+        parse_parameters(params(windw="60"), "m")
+
+
+def test_a_bad_value_fails_naming_the_key():
+    with pytest.raises(ConfigError, match="window"):
+        parse_parameters(params(window="many"), "m")
+    with pytest.raises(ConfigError, match="handoff_timeout_s"):
+        parse_parameters(params(handoff_timeout_s="-1"), "m")
+
+
+def test_an_unfilled_template_placeholder_fails_the_load():
+    with pytest.raises(ConfigError, match=r"sinks.*placeholder"):
+        parse_parameters(params(sinks="${SINKS}"), "m")
