@@ -70,9 +70,7 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p={self.top_p} must be in (0, 1]")
         if not 0.0 < self.repetition_penalty <= 10.0:
-            raise InvalidRequest(
-                f"repetition_penalty={self.repetition_penalty} must be in (0, 10]"
-            )
+            raise InvalidRequest(f"repetition_penalty={self.repetition_penalty} must be in (0, 10]")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
 
