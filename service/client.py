@@ -179,14 +179,13 @@ class Conversation:
         await self._drain()
 
     async def _drain(self) -> None:
+        # read() raises the stream's error status, if it ended with one.
         while await self._call.read() is not grpc.aio.EOF:
             pass
-        await self._call  # raises the stream's error status, if any
 
     async def _read(self) -> pb.ChatResponse:
         response = await self._call.read()
-        if response is grpc.aio.EOF:
-            await self._call  # raises the status that ended the stream
+        if response is grpc.aio.EOF:  # (read() raised instead if the status was an error)
             raise ConnectionError("the server closed the stream")
         assert isinstance(response, pb.ChatResponse)
         return response

@@ -29,6 +29,7 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Enough KV slots for the 16-concurrent-sessions test (each needs its own slot to stream).
 E2E_MAX_SESSIONS = 16
@@ -67,8 +68,9 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     try:
-        from service.engine import Engine  # noqa: F401
         from service.triton.launcher import TritonServer
+
+        from service.engine import Engine  # noqa: F401
     except ImportError as err:
         pytest.skip(f"end-to-end tests need the engine and the Triton launcher: {err}")
     repo = tmp_path_factory.mktemp("model_repo") / "triton_model_repo"
