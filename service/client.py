@@ -133,7 +133,7 @@ class Conversation:
             self._call.cancel()
 
     async def open(self) -> pb.SessionOpened:
-        await self._call.write(self._first)
+        await self._write(self._first)
         response = await self._read()
         opened = response.session_opened
         self.session_id, self.sinks, self.window = opened.session_id, opened.sinks, opened.window
@@ -144,7 +144,7 @@ class Conversation:
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
     ) -> AsyncIterator[pb.TokenDelta]:
         """Run one turn, yielding its deltas; its TurnEnd is then in `last_turn`."""
-        await self._call.write(_turn_request(text, raw, params))
+        await self._write(_turn_request(text, raw, params))
         while True:
             response = await self._read()
             kind = response.WhichOneof("event")
@@ -165,11 +165,11 @@ class Conversation:
 
     async def cancel(self) -> None:
         """Ask the server to cancel the running turn (it still ends with a TurnEnd)."""
-        await self._call.write(pb.ChatRequest(cancel=pb.CancelTurn()))
+        await self._write(pb.ChatRequest(cancel=pb.CancelTurn()))
 
     async def end(self) -> None:
         """End the session (after a running turn) and wait for the stream to close."""
-        await self._call.write(pb.ChatRequest(end=pb.EndSession()))
+        await self._write(pb.ChatRequest(end=pb.EndSession()))
         await self._call.done_writing()
         await self._drain()
 
@@ -177,6 +177,27 @@ class Conversation:
         """Close the stream; the session stays and can be resumed."""
         await self._call.done_writing()
         await self._drain()
+
+    def drop(self) -> None:
+        """Abandon the stream at once (as a client that goes away); the session stays."""
+        self._call.cancel()
+
+    async def code(self) -> grpc.StatusCode:
+        """The status the stream ended with (waits for the end)."""
+        code: grpc.StatusCode = await self._call.code()
+        return code
+
+    async def write(self, request: pb.ChatRequest) -> None:
+        """Send a raw request (for what the helpers above do not cover)."""
+        await self._write(request)
+
+    async def _write(self, request: pb.ChatRequest) -> None:
+        try:
+            await self._call.write(request)
+        except Exception:
+            if self._call.done():
+                await self._call.read()  # raises the status that ended the stream
+            raise
 
     async def _drain(self) -> None:
         # read() raises the stream's error status, if it ended with one.
