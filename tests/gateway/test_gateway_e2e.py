@@ -126,17 +126,19 @@ async def test_cancel_ends_the_turn_but_keeps_the_session(
     make_gateway: GatewayFactory, triton_url: str
 ) -> None:
     gw = await served(make_gateway, triton_url)
-    async with ChatClient(target(gw), "alice-token") as alice:
-        async with alice.conversation(defaults=LONG) as chat:
-            turn = chat.send("Tell me a long story.")
-            await anext(turn)
-            await chat.cancel()
-            async for _ in turn:
-                pass
-            assert chat.last_turn is not None
-            assert chat.last_turn.finish_reason == pb.FINISH_REASON_CANCELLED
-            text, end = await chat.turn("Short answer: 2+2?", params=SHORT)
-            assert end.usage.generated_tokens >= 1
+    async with (
+        ChatClient(target(gw), "alice-token") as alice,
+        alice.conversation(defaults=LONG) as chat,
+    ):
+        turn = chat.send("Tell me a long story.")
+        await anext(turn)
+        await chat.cancel()
+        async for _ in turn:
+            pass
+        assert chat.last_turn is not None
+        assert chat.last_turn.finish_reason == pb.FINISH_REASON_CANCELLED
+        _, end = await chat.turn("Short answer: 2+2?", params=SHORT)
+        assert end.usage.generated_tokens >= 1
 
 
 async def test_a_dropped_stream_frees_the_turn_for_the_next_one(
