@@ -1,0 +1,119 @@
+"""`sinkserve chat`: an interactive terminal chat with the gateway, streaming tokens.
+
+Commands: `/new` (end this session, start a fresh one), `/end` (end the session and quit),
+`/stats` (the session's cache), `/help`. Ctrl-C during a reply cancels that turn only;
+Ctrl-D quits and keeps the session (resume it with `--session ID`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import TextIO
+
+import grpc
+
+from service.client import ChatClient, Conversation, sampling
+from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+
+HELP = "/new  fresh session · /end  end session and quit · /stats  cache · Ctrl-C  stop reply"
+
+
+def add_chat_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the `chat` subcommand to `subparsers`."""
+    p = subparsers.add_parser("chat", help="chat with a running gateway in the terminal")
+    p.add_argument("--target", default="127.0.0.1:50051", help="gateway host:port")
+    p.add_argument(
+        "--token", default=os.environ.get("SINKSERVE_TOKEN", ""), help="($SINKSERVE_TOKEN)"
+    )
+    p.add_argument("--session", default="", help="resume this session id")
+    p.add_argument("--system", default="", help="system prompt of a new session")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=main_chat)
+    return p
+
+
+def main_chat(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_chat(args, sys.stdin, sys.stdout))
+    except grpc.RpcError as err:
+        print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO) -> int:
+    loop = asyncio.get_running_loop()
+    defaults = sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+    async with ChatClient(args.target, args.token or None) as client:
+
+        async def open_chat(session_id: str | None) -> Conversation:
+            chat = client.conversation(session_id, system_prompt=args.system, defaults=defaults)
+            await chat.open()
+            verb = "resumed" if chat.resumed else "new"
+            print(
+                f"[{verb} session {chat.session_id} · sinks {chat.sinks} · window "
+                f"{chat.window}] {HELP}",
+                file=out,
+                flush=True,
+            )
+            return chat
+
+        chat = await open_chat(args.session or None)
+        replying = False
+        pending: set[asyncio.Task[None]] = set()
+
+        def on_interrupt() -> None:
+            if replying:  # cancel the turn, not the session
+                task = asyncio.ensure_future(chat.cancel())
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            else:
+                print("\n(Ctrl-D quits and keeps the session; /end ends it)", file=out, flush=True)
+
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        try:
+            while True:
+                print("> ", end="", file=out, flush=True)
+                line = await loop.run_in_executor(None, stdin.readline)
+                if not line:
+                    await chat.close()
+                    print(f"\n[session {chat.session_id} kept]", file=out)
+                    return 0
+                text = line.strip()
+                if not text:
+                    continue
+                if text == "/help":
+                    print(HELP, file=out)
+                elif text == "/end":
+                    await chat.end()
+                    print(f"[session {chat.session_id} ended]", file=out)
+                    return 0
+                elif text == "/new":
+                    await chat.end()
+                    chat = await open_chat(None)
+                elif text == "/stats":
+                    s = await client.get_session(chat.session_id)
+                    print(
+                        f"[turns {s.turns} · position {s.cache_position} · cached "
+                        f"{s.cached_tokens}/{s.sinks + s.window} · evicted {s.evicted_tokens}]",
+                        file=out,
+                    )
+                else:
+                    replying = True
+                    try:
+                        async for delta in chat.send(text):
+                            print(delta.text, end="", file=out, flush=True)
+                    finally:
+                        replying = False
+                    end = chat.last_turn
+                    assert end is not None
+                    note = " [cancelled]" if end.finish_reason == pb.FINISH_REASON_CANCELLED else ""
+                    print(note, file=out, flush=True)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)

@@ -1,0 +1,329 @@
+"""Python client of `sinkserve.v1.ChatService`, async (`ChatClient`) and sync (`SyncChatClient`).
+
+    async with ChatClient("127.0.0.1:50051", token="...") as client:
+        async with client.conversation(system_prompt="Be brief.") as chat:
+            async for delta in chat.send("Hello!"):
+                print(delta.text, end="")
+            print(chat.last_turn.usage)
+
+Errors arrive as `grpc.RpcError` (`.code()`, `.details()`); the session survives a failed
+stream and can be resumed with `conversation(session_id=...)`.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+
+TokenDelta = pb.TokenDelta
+TurnEnd = pb.TurnEnd
+Session = pb.Session
+
+
+def sampling(**fields: Any) -> pb.SamplingParams:
+    """SamplingParams from keyword arguments (max_tokens, temperature, top_k, top_p,
+    repetition_penalty, seed, stop); None values are left unset."""
+    return pb.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _first_request(
+    session_id: str | None, system_prompt: str, defaults: pb.SamplingParams | None
+) -> pb.ChatRequest:
+    if session_id:
+        return pb.ChatRequest(resume=pb.ResumeSession(session_id=session_id, sampling=defaults))
+    return pb.ChatRequest(open=pb.OpenSession(system_prompt=system_prompt, sampling=defaults))
+
+
+def _turn_request(text: str, raw: bool, params: pb.SamplingParams | None) -> pb.ChatRequest:
+    return pb.ChatRequest(turn=pb.UserTurn(text=text, raw=raw, sampling=params))
+
+
+class ChatClient:
+    """Async client; one channel, many conversations."""
+
+    def __init__(
+        self, target: str, token: str | None = None, *, channel: grpc.aio.Channel | None = None
+    ) -> None:
+        self._channel = channel or grpc.aio.insecure_channel(target)
+        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._metadata = _metadata(token)
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def conversation(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str = "",
+        defaults: pb.SamplingParams | None = None,
+        timeout: float | None = None,
+    ) -> Conversation:
+        """A Chat stream on a new session, or resuming `session_id`. Use `async with`."""
+        call = self._stub.Chat(metadata=self._metadata, timeout=timeout)
+        return Conversation(call, _first_request(session_id, system_prompt, defaults))
+
+    async def create_session(self, system_prompt: str = "") -> pb.Session:
+        req = pb.CreateSessionRequest(system_prompt=system_prompt)
+        return (await self._stub.CreateSession(req, metadata=self._metadata)).session
+
+    async def get_session(self, session_id: str) -> pb.Session:
+        req = pb.GetSessionRequest(session_id=session_id)
+        return (await self._stub.GetSession(req, metadata=self._metadata)).session
+
+    async def delete_session(self, session_id: str) -> None:
+        req = pb.DeleteSessionRequest(session_id=session_id)
+        await self._stub.DeleteSession(req, metadata=self._metadata)
+
+    async def list_sessions(self) -> list[pb.Session]:
+        sessions: list[pb.Session] = []
+        token = ""
+        while True:
+            req = pb.ListSessionsRequest(page_token=token)
+            page = await self._stub.ListSessions(req, metadata=self._metadata)
+            sessions.extend(page.sessions)
+            token = page.next_page_token
+            if not token:
+                return sessions
+
+
+class Conversation:
+    """One Chat stream: `send()` a turn and iterate its deltas; `cancel()`, `end()`."""
+
+    def __init__(self, call: Any, first: pb.ChatRequest) -> None:
+        self._call = call
+        self._first = first
+        self.session_id = ""
+        self.sinks = 0
+        self.window = 0
+        self.resumed = False
+        self.cache_position = 0
+        self.last_turn: pb.TurnEnd | None = None
+
+    async def __aenter__(self) -> Conversation:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self._call.cancel()
+
+    async def open(self) -> pb.SessionOpened:
+        await self._write(self._first)
+        response = await self._read()
+        opened = response.session_opened
+        self.session_id, self.sinks, self.window = opened.session_id, opened.sinks, opened.window
+        self.resumed, self.cache_position = opened.resumed, opened.cache_position
+        return opened
+
+    async def send(
+        self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
+    ) -> AsyncIterator[pb.TokenDelta]:
+        """Run one turn, yielding its deltas; its TurnEnd is then in `last_turn`."""
+        await self._write(_turn_request(text, raw, params))
+        while True:
+            response = await self._read()
+            kind = response.WhichOneof("event")
+            if kind == "delta":
+                yield response.delta
+            elif kind == "turn_end":
+                self.last_turn = response.turn_end
+                self.cache_position = response.turn_end.usage.cache_position
+                return
+
+    async def turn(
+        self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
+    ) -> tuple[str, pb.TurnEnd]:
+        """Run one turn to its end: (whole text, TurnEnd)."""
+        parts = [d.text async for d in self.send(text, raw=raw, params=params)]
+        assert self.last_turn is not None
+        return "".join(parts), self.last_turn
+
+    async def cancel(self) -> None:
+        """Ask the server to cancel the running turn (it still ends with a TurnEnd)."""
+        await self._write(pb.ChatRequest(cancel=pb.CancelTurn()))
+
+    async def end(self) -> None:
+        """End the session (after a running turn) and wait for the stream to close."""
+        await self._write(pb.ChatRequest(end=pb.EndSession()))
+        await self._call.done_writing()
+        await self._drain()
+
+    async def close(self) -> None:
+        """Close the stream; the session stays and can be resumed."""
+        await self._call.done_writing()
+        await self._drain()
+
+    def drop(self) -> None:
+        """Abandon the stream at once (as a client that goes away); the session stays."""
+        self._call.cancel()
+
+    async def code(self) -> grpc.StatusCode:
+        """The status the stream ended with (waits for the end)."""
+        code: grpc.StatusCode = await self._call.code()
+        return code
+
+    async def write(self, request: pb.ChatRequest) -> None:
+        """Send a raw request (for what the helpers above do not cover)."""
+        await self._write(request)
+
+    async def _write(self, request: pb.ChatRequest) -> None:
+        try:
+            await self._call.write(request)
+        except Exception:
+            if self._call.done():
+                await self._call.read()  # raises the status that ended the stream
+            raise
+
+    async def _drain(self) -> None:
+        # read() raises the stream's error status, if it ended with one.
+        while await self._call.read() is not grpc.aio.EOF:
+            pass
+
+    async def _read(self) -> pb.ChatResponse:
+        response = await self._call.read()
+        if response is grpc.aio.EOF:  # (read() raised instead if the status was an error)
+            raise ConnectionError("the server closed the stream")
+        assert isinstance(response, pb.ChatResponse)
+        return response
+
+
+class SyncChatClient:
+    """Blocking client with the same shape as ChatClient."""
+
+    def __init__(self, target: str, token: str | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._metadata = _metadata(token)
+
+    def __enter__(self) -> SyncChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def conversation(
+        self,
+        session_id: str | None = None,
+        *,
+        system_prompt: str = "",
+        defaults: pb.SamplingParams | None = None,
+        timeout: float | None = None,
+    ) -> SyncConversation:
+        return SyncConversation(
+            self._stub,
+            self._metadata,
+            _first_request(session_id, system_prompt, defaults),
+            timeout,
+        )
+
+    def create_session(self, system_prompt: str = "") -> pb.Session:
+        req = pb.CreateSessionRequest(system_prompt=system_prompt)
+        return self._stub.CreateSession(req, metadata=self._metadata).session
+
+    def get_session(self, session_id: str) -> pb.Session:
+        req = pb.GetSessionRequest(session_id=session_id)
+        return self._stub.GetSession(req, metadata=self._metadata).session
+
+    def delete_session(self, session_id: str) -> None:
+        self._stub.DeleteSession(
+            pb.DeleteSessionRequest(session_id=session_id), metadata=self._metadata
+        )
+
+    def list_sessions(self) -> list[pb.Session]:
+        return list(
+            self._stub.ListSessions(pb.ListSessionsRequest(), metadata=self._metadata).sessions
+        )
+
+
+_CLOSE = object()
+
+
+class SyncConversation:
+    """One Chat stream, blocking. Requests go through a queue the gRPC thread reads."""
+
+    def __init__(
+        self,
+        stub: Any,
+        metadata: tuple[tuple[str, str], ...],
+        first: pb.ChatRequest,
+        timeout: float | None,
+    ) -> None:
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._requests.put(first)
+        self._responses = stub.Chat(
+            iter(self._requests.get, _CLOSE), metadata=metadata, timeout=timeout
+        )
+        opened = next(self._responses).session_opened
+        self.session_id, self.sinks, self.window = opened.session_id, opened.sinks, opened.window
+        self.resumed, self.cache_position = opened.resumed, opened.cache_position
+        self.last_turn: pb.TurnEnd | None = None
+
+    def __enter__(self) -> SyncConversation:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._responses.cancel()
+
+    def send(
+        self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
+    ) -> Iterator[pb.TokenDelta]:
+        self._requests.put(_turn_request(text, raw, params))
+        for response in self._responses:
+            if response.WhichOneof("event") == "delta":
+                yield response.delta
+            elif response.WhichOneof("event") == "turn_end":
+                self.last_turn = response.turn_end
+                self.cache_position = response.turn_end.usage.cache_position
+                return
+        raise ConnectionError("the server closed the stream")
+
+    def turn(
+        self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
+    ) -> tuple[str, pb.TurnEnd]:
+        text_out = "".join(d.text for d in self.send(text, raw=raw, params=params))
+        assert self.last_turn is not None
+        return text_out, self.last_turn
+
+    def cancel(self) -> None:
+        """Thread-safe: ask the server to cancel the running turn."""
+        self._requests.put(pb.ChatRequest(cancel=pb.CancelTurn()))
+
+    def end(self) -> None:
+        self._requests.put(pb.ChatRequest(end=pb.EndSession()))
+        self.close()
+
+    def close(self) -> None:
+        self._requests.put(_CLOSE)
+        for _ in self._responses:
+            pass

@@ -1,0 +1,212 @@
+"""The gateway's only way to the model: Triton's gRPC API, one `stream_infer` per turn.
+
+One Triton stream per turn means cancelling a turn is closing its stream: Triton then marks
+the request cancelled and the model stops it. Tensor names follow the model interface in
+notes/CONTRACT.md (model `sinkserve`, decoupled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from service.gateway.errors import GatewayError, from_rpc_error, from_triton_message
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling of one turn; None = the model's default."""
+
+    max_tokens: int
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    session_id: str
+    text: str
+    sampling: Sampling
+    raw: bool = False
+    start_session: bool = False  # create the session on the model first
+    system_prompt: str = ""  # with start_session
+    end_session: bool = False  # end the session after this turn
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Final:
+    """The end of a turn, from the model's last response."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    generated_tokens: int
+    cache_position: int
+    cached_tokens: int
+    evicted_tokens: int
+
+
+TurnEvent = Delta | Final
+
+
+class TritonBackend:
+    """A Triton server holding the model. Failures surface as GatewayError."""
+
+    def __init__(self, url: str, model: str, *, probe_timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.model = model
+        self._probe_timeout_s = probe_timeout_s
+        self._client = triton.InferenceServerClient(url)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def ready(self) -> bool:
+        """True when Triton answers and the model is loaded and ready."""
+        try:
+            return bool(
+                await self._client.is_server_ready(client_timeout=self._probe_timeout_s)
+            ) and bool(
+                await self._client.is_model_ready(self.model, client_timeout=self._probe_timeout_s)
+            )
+        except (InferenceServerException, grpc.RpcError, OSError):
+            return False
+
+    async def cache_shape(self) -> tuple[int, int] | None:
+        """(sinks, window) from the model config's parameters, when it states them."""
+        try:
+            config = await self._client.get_model_config(
+                self.model, as_json=True, client_timeout=self._probe_timeout_s
+            )
+            params = config["config"].get("parameters", {})
+            return int(params["sinks"]["string_value"]), int(params["window"]["string_value"])
+        except (InferenceServerException, grpc.RpcError, OSError, KeyError, ValueError):
+            return None
+
+    async def turn(
+        self, req: TurnRequest, timeout_s: float | None = None
+    ) -> AsyncIterator[TurnEvent]:
+        """Run one turn: Delta events, then exactly one Final; GatewayError on failure.
+
+        Closing the iterator early (or cancelling the task consuming it) cancels the Triton
+        stream, which cancels the request on the model.
+        """
+        done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.model, "inputs": _inputs(req)}
+            # Keep the stream open until the final response; ending it half-closes.
+            await done.wait()
+
+        responses = self._client.stream_infer(requests(), stream_timeout=timeout_s)
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise from_triton_message(str(error.message()))
+                delta, final = _read(result)
+                if delta is not None:
+                    yield delta
+                if final is not None:
+                    finished = True
+                    yield final
+                    return
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the turn ended"
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            done.set()
+            if not finished:
+                responses.cancel()
+
+    async def end_session(self, session_id: str) -> None:
+        """End the session on the model (frees its cache); GatewayError on failure."""
+        req = TurnRequest(session_id, "", Sampling(max_tokens=1), end_session=True)
+        async for _ in self.turn(req, timeout_s=30.0):
+            pass
+
+
+def _tensor(name: str, datatype: str, values: np.ndarray) -> InferInput:
+    tensor = InferInput(name, list(values.shape), datatype)
+    tensor.set_data_from_numpy(values)
+    return tensor
+
+
+def _string(name: str, *values: str) -> InferInput:
+    return _tensor(name, "BYTES", np.array([v.encode() for v in values], dtype=np.object_))
+
+
+def _inputs(req: TurnRequest) -> list[InferInput]:
+    s = req.sampling
+    inputs = [
+        _string("text_input", req.text),
+        _string("session_id", req.session_id),
+        _tensor("max_tokens", "INT32", np.array([s.max_tokens], dtype=np.int32)),
+        _tensor("stream", "BOOL", np.array([True])),
+    ]
+    if req.start_session:
+        inputs.append(_tensor("start_session", "BOOL", np.array([True])))
+        if req.system_prompt:
+            inputs.append(_string("system_prompt", req.system_prompt))
+    if req.end_session:
+        inputs.append(_tensor("end_session", "BOOL", np.array([True])))
+    if req.raw:
+        inputs.append(_tensor("raw_prompt", "BOOL", np.array([True])))
+    optional = (
+        ("temperature", "FP32", np.float32, s.temperature),
+        ("top_k", "INT32", np.int32, s.top_k),
+        ("top_p", "FP32", np.float32, s.top_p),
+        ("repetition_penalty", "FP32", np.float32, s.repetition_penalty),
+        ("random_seed", "UINT64", np.uint64, s.seed),
+    )
+    for name, datatype, dtype, value in optional:
+        if value is not None:
+            inputs.append(_tensor(name, datatype, np.array([value], dtype=dtype)))
+    if s.stop:
+        inputs.append(_string("stop_words", *s.stop))
+    return inputs
+
+
+def _read(result: Any) -> tuple[Delta | None, Final | None]:
+    """The delta and (on the last response) the final of one Triton response."""
+    text_out = result.as_numpy("text_output")
+    ids_out = result.as_numpy("output_ids")
+    text = b"".join(text_out.reshape(-1)).decode("utf-8", "replace") if text_out is not None else ""
+    ids = tuple(int(i) for i in ids_out.reshape(-1)) if ids_out is not None else ()
+    delta = Delta(text, ids) if text or ids else None
+    reason = result.as_numpy("finish_reason")
+    if reason is None:
+        return delta, None
+
+    def count(name: str) -> int:
+        out = result.as_numpy(name)
+        return int(out.reshape(-1)[0]) if out is not None and out.size else 0
+
+    final = Final(
+        finish_reason=reason.reshape(-1)[0].decode(),
+        prompt_tokens=count("prompt_tokens"),
+        generated_tokens=count("generated_tokens"),
+        cache_position=count("cache_position"),
+        cached_tokens=count("cached_tokens"),
+        evicted_tokens=count("evicted_tokens"),
+    )
+    return delta, final

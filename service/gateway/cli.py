@@ -1,0 +1,95 @@
+"""`sinkserve gateway`: flags, config, logging, run until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from typing import Any
+
+from service.config import ConfigError
+from service.gateway.auth import Authenticator
+from service.gateway.config import GatewayConfig
+from service.gateway.logs import configure_json_logs
+from service.gateway.server import Gateway
+
+_FLAG_HELP = {
+    "host": "address to listen on",
+    "port": "gRPC port (0 = any free port)",
+    "triton_url": "Triton gRPC endpoint host:port",
+    "model": "Triton model name",
+    "metrics_port": "Prometheus port (-1 = off, 0 = any free port)",
+    "tokens_file": "file of 'caller:token' lines",
+    "tokens_env": "env var holding 'caller:token,caller:token'",
+}
+
+
+def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `gateway` subcommand (one flag per GatewayConfig field) to `subparsers`."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "gateway", help="run the gRPC gateway in front of Triton"
+    )
+    defaults = GatewayConfig()
+    for f in dataclasses.fields(GatewayConfig):
+        if f.name == "auth_disabled":
+            continue
+        value = getattr(defaults, f.name)
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(value),
+            default=value,
+            help=f"{_FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default {value!r})",
+        )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept calls without a token (local use only; every caller is 'anonymous')",
+    )
+    parser.add_argument("--log-level", default="info")
+    parser.set_defaults(func=main_gateway)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(GatewayConfig)
+        if f.name != "auth_disabled"
+    }
+    return GatewayConfig(auth_disabled=args.no_auth, **values)
+
+
+def main_gateway(args: argparse.Namespace) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
+    configure_json_logs(args.log_level)
+    try:
+        config = config_from_args(args)
+        auth = Authenticator.from_environ(
+            disabled=config.auth_disabled,
+            tokens_file=config.tokens_file,
+            tokens_env=config.tokens_env,
+        )
+    except (ConfigError, OSError) as err:
+        print(f"sinkserve gateway: {err}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        gateway = Gateway(config, auth)
+        await gateway.start()
+        await gateway.run_until_signal()
+
+    asyncio.run(run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m service.gateway.cli`) until the lead's CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="sinkserve")
+    add_gateway_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["gateway", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The gateway process: gRPC server, health, reflection, metrics, background upkeep, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.gateway._proto.sinkserve.v1 import chat_pb2, chat_pb2_grpc
+from service.gateway.auth import Authenticator, AuthInterceptor
+from service.gateway.backend import TritonBackend
+from service.gateway.config import GatewayConfig
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.servicer import ChatServicer
+from service.gateway.sessions import SessionRegistry
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+class Gateway:
+    """One gateway: `await start()`, then `await stop()` (or `run_until_signal()`)."""
+
+    def __init__(self, config: GatewayConfig, auth: Authenticator) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.backend = TritonBackend(config.triton_url, config.model)
+        self.registry = SessionRegistry(
+            ttl_s=config.session_ttl_s,
+            max_sessions=config.max_sessions,
+            max_sessions_per_caller=config.max_sessions_per_caller,
+            max_streams_per_caller=config.max_streams_per_caller,
+        )
+        self.servicer = ChatServicer(config, self.registry, self.backend, auth, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._log = structlog.get_logger("sinkserve.gateway")
+        self._server = grpc.aio.server(
+            interceptors=[AuthInterceptor(auth)],
+            options=_server_options(config),
+        )
+        self._metrics_server: object | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+        await self._set_serving(False)
+        await self._server.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_server, self.metrics_port = self.metrics.serve(
+                self.config.host, self.config.metrics_port
+            )
+        self._tasks = [
+            asyncio.create_task(self._watch_backend()),
+            asyncio.create_task(self._expire_sessions()),
+        ]
+        self._log.info(
+            "gateway listening",
+            address=f"{self.config.host}:{self.port}",
+            triton=self.config.triton_url,
+            metrics_port=self.metrics_port,
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking work, let running turns finish (up to the grace), then stop."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self._log.info("gateway draining", turns_running=self.servicer.turns_running, grace_s=grace)
+        await self.health.enter_graceful_shutdown()
+        self.servicer.drain()
+        await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+        await self.backend.close()
+        self._log.info("gateway stopped")
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
+
+    async def _set_serving(self, ok: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _watch_backend(self) -> None:
+        """Health follows Triton: NOT_SERVING while it or the model is not ready."""
+        was: bool | None = None
+        while True:
+            ready = await self.backend.ready()
+            if ready and was is not True:
+                shape = await self.backend.cache_shape()
+                if shape is not None:
+                    self.servicer.cache_shape = shape
+            if ready != was:
+                self._log.info("backend readiness changed", ready=ready)
+                await self._set_serving(ready)
+                self.metrics.backend_ready.set(int(ready))
+                was = ready
+            await asyncio.sleep(self.config.health_interval_s)
+
+    async def _expire_sessions(self) -> None:
+        period = min(self.config.session_ttl_s / 4, 30.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.servicer.end_expired()
+            except Exception:
+                self._log.exception("expiring sessions failed")
+
+
+def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients may ping this often without data (below it they get GOAWAY).
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

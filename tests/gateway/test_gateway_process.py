@@ -1,0 +1,43 @@
+"""The gateway as a process (`python -m service.gateway.cli`): SIGTERM lets the turn finish."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from service.client import ChatClient, sampling
+from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from tests.gateway.conftest import REPO_ROOT, free_port
+
+
+async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_url: str) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.gateway.cli", "--port", str(port), "--metrics-port", "-1",
+        "--triton-url", triton_url, "--no-auth", "--health-interval-s", "0.2",
+        cwd=REPO_ROOT, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with ChatClient(f"127.0.0.1:{port}") as client:
+            for _ in range(100):
+                try:
+                    chat = client.conversation(defaults=sampling(max_tokens=24))
+                    await chat.open()
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            turn = chat.send("Count to twenty.")
+            await anext(turn)
+            proc.send_signal(signal.SIGTERM)
+            async for _ in turn:
+                pass
+            assert chat.last_turn is not None
+            assert chat.last_turn.finish_reason != pb.FINISH_REASON_CANCELLED
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    logs = (await proc.stderr.read()).decode() if proc.stderr else ""
+    assert '"event": "gateway stopped"' in logs

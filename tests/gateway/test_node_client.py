@@ -1,0 +1,49 @@
+"""The Node.js example client (examples/node) completes a 2-turn chat through the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.gateway.conftest import REPO_ROOT, GatewayFactory
+from tests.gateway.test_gateway_e2e import served
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("node") is None or shutil.which("npm") is None, reason="needs node and npm"
+)
+
+
+async def run(*cmd: str, cwd: Path, timeout: float) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def test_the_node_client_completes_a_two_turn_chat(
+    make_gateway: GatewayFactory, triton_url: str, tmp_path: Path
+) -> None:
+    # A copy keeps the checkout free of node_modules; the layout (proto/ two levels up) stays.
+    example = tmp_path / "examples" / "node"
+    shutil.copytree(
+        REPO_ROOT / "examples" / "node", example, ignore=shutil.ignore_patterns("node_modules")
+    )
+    shutil.copytree(REPO_ROOT / "proto", tmp_path / "proto")
+    rc, out = await run("npm", "ci", "--no-audit", "--no-fund", cwd=example, timeout=300)
+    assert rc == 0, out
+    gw = await served(make_gateway, triton_url)
+    rc, out = await run(
+        "node", "chat.js", f"127.0.0.1:{gw.port}", "alice-token", cwd=example, timeout=120
+    )
+    assert rc == 0, out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["session_id"]
+    assert len(summary["turns"]) == 2
+    first, second = (t["usage"] for t in summary["turns"])
+    assert second["cache_position"] > first["cache_position"] > 0
+    assert all(t["finish_reason"] != "FINISH_REASON_UNSPECIFIED" for t in summary["turns"])
