@@ -1,4 +1,4 @@
-"""`sinkserve` command line: eval-ppl, chat, and the servers."""
+"""`sinkserve` command line: serve, chat, triton, gateway, eval-ppl."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from service.chat import add_chat_parser
 from service.config import EngineConfig
+from service.gateway.cli import add_gateway_parser
 from service.logs import configure_logging
+from service.serve import add_serve_parser
+from service.triton.launcher import add_triton_parser
 
 DEFAULT_TEXT = Path("/usr/share/doc/debian-policy/policy.txt.gz")
 
@@ -61,7 +65,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         "chunk": args.chunk,
     }
     if args.plot:
-        plot_running_ppl({args.mode: summary["ppl_by_1k"]}, args.plot, f"{args.mode} {sinks}+{window}")
+        plot_running_ppl(
+            {args.mode: summary["ppl_by_1k"]}, args.plot, f"{args.mode} {sinks}+{window}"
+        )
     if args.json:
         print(json.dumps(summary))
     else:
@@ -69,41 +75,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat_local(args: argparse.Namespace) -> int:
-    """An in-process chat: no servers, the engine in this process (one line, one turn)."""
-    import threading
-
-    from service.engine.engine import Engine
-    from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
-
-    engine = Engine.load(engine_config(args, max_sessions=1))
-    engine.start()
-    sid = engine.open_session(system=args.system)
-    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature)
-    try:
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            finished = threading.Event()
-
-            def show(events: list[Event], finished: threading.Event = finished) -> None:
-                for e in events:
-                    print(e.text, end="" if isinstance(e, TokenEvent) else "\n", flush=True)
-                    if isinstance(e, TurnEnd):
-                        finished.set()
-
-            engine.submit(sid, line.strip(), params, show)
-            finished.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.shutdown()
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sinkserve", description=__doc__)
-    parser.add_argument("--log-json", action="store_true", default=None, help="JSON logs")
+    parser.add_argument(
+        "--log-json", action="store_true", default=None, help="JSON logs (default off a TTY)"
+    )
+    parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval-ppl", help="streaming perplexity of a long text")
@@ -116,19 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, help="PNG of perplexity per 1,000 tokens")
     p.set_defaults(func=cmd_eval_ppl)
 
-    p = sub.add_parser("chat", help="interactive chat")
-    add_engine_flags(p)
-    p.add_argument("--local", action="store_true", help="run the engine in this process")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.set_defaults(func=cmd_chat_local)
+    add_chat_parser(sub)
+    add_serve_parser(sub)
+    add_triton_parser(sub)
+    add_gateway_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(json=args.log_json)
+    configure_logging(json=args.log_json, level=args.log_level)
     return int(args.func(args))
 
 

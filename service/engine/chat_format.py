@@ -50,12 +50,16 @@ class ChatFormat:
         self._template = env.from_string(template)
         self._first = self._layout([("user", "user")])
         try:
-            self._first_system: _Layout | None = self._layout([("system", "system"), ("user", "user")])
+            self._first_system: _Layout | None = self._layout(
+                [("system", "system"), ("user", "user")]
+            )
         except TemplateError:  # e.g. templates that raise on a system role
             self._first_system = None
         prev = [("user", "prev"), ("assistant", "reply"), ("user", "user")]
         layout = self._layout(prev)
-        reply_at = next(i for i, p in enumerate(layout) if isinstance(p, _Slot) and p.role == "reply")
+        reply_at = next(
+            i for i, p in enumerate(layout) if isinstance(p, _Slot) and p.role == "reply"
+        )
         self._next = layout[reply_at + 1 :]
 
     def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool) -> str:
@@ -93,14 +97,16 @@ class ChatFormat:
         for _, slot in roles_and_slots:
             bare = _MARK + slot
             if text.count(bare) != 1:
-                raise ValueError(f"chat template renders the {slot!r} message {text.count(bare)} times")
+                raise ValueError(
+                    f"chat template renders the {slot!r} message {text.count(bare)} times"
+                )
             padded = text.find(f" {bare} ")
             start, end = (padded, padded + len(bare) + 2) if padded >= 0 else (text.find(bare), -1)
             found.append((start, end if end >= 0 else start + len(bare), _Slot(slot, padded < 0)))
         layout: list[str | _Slot] = []
         at = 0
-        for start, end, slot in sorted(found, key=lambda f: f[0]):
-            layout += [text[at:start], slot]
+        for start, end, piece in sorted(found, key=lambda f: f[0]):
+            layout += [text[at:start], piece]
             at = end
         layout.append(text[at:])
         return tuple(p for p in layout if p != "")
@@ -108,10 +114,14 @@ class ChatFormat:
     def _encode(self, layout: _Layout, contents: Mapping[str, str]) -> list[int]:
         tok = self._tokenizer
         parts = [
-            (p, True) if isinstance(p, str) else (contents[p.role].strip() if p.strip else contents[p.role], False)
+            (p, True)
+            if isinstance(p, str)
+            else (contents[p.role].strip() if p.strip else contents[p.role], False)
             for p in layout
         ]
-        if not any(s in text for text, is_template in parts if not is_template for s in tok.special_tokens):
+        if not any(
+            s in text for text, is_template in parts if not is_template for s in tok.special_tokens
+        ):
             # one piece: tokens exactly as encoding the rendered conversation would give
             return tok.encode("".join(text for text, _ in parts))
         return [i for text, is_template in parts for i in tok.encode(text, special=is_template)]

@@ -28,12 +28,12 @@ import structlog
 import torch
 
 from service.config import EngineConfig
+from service.engine.chat_format import ChatFormat
 from service.engine.kv_cache import HostSlot
 from service.engine.runner import Runner
 from service.engine.sampler import SampleRow
 from service.engine.scheduler import Scheduler, Session, Turn
 from service.engine.stops import StopMatcher
-from service.engine.chat_format import ChatFormat
 from service.engine.tokenizer import IncrementalDecoder, Tokenizer
 from service.engine.types import (
     EngineError,
@@ -464,7 +464,9 @@ class Engine:
         s = turn.session
         self._sched.finish(turn)
         del self._turns[turn.turn_id]
-        s.owed = turn.pending[turn.fed :] + ([turn.next_token] if turn.next_token is not None else [])
+        s.owed = turn.pending[turn.fed :] + (
+            [turn.next_token] if turn.next_token is not None else []
+        )
         s.last_finished_eos = eos
         s.last_used = time.monotonic()
         usage = Usage(

@@ -13,16 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class StepItem:
-    """Tokens of one session fed in one step (from the scheduler; plain ints)."""
-
-    slot: int
-    tokens: Sequence[int]
-    start: int  # absolute position of tokens[0]
-    want_logits: bool  # the logits after the last token are needed
-    all_logits: bool = False  # the logits after every token (perplexity evaluation)
+from service.engine.scheduler import StepItem
 
 
 @dataclass
@@ -93,8 +84,10 @@ class KVCache:
     def visible(self, key_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """Whether a stored key at key_pos (-1 = empty) is attended by a query at query_pos:
         a sink, or one of the W tokens before the query (broadcasting)."""
-        return (key_pos >= 0) & (key_pos < query_pos) & (
-            (key_pos < self.sinks) | (key_pos >= query_pos - self.window)
+        return (
+            (key_pos >= 0)
+            & (key_pos < query_pos)
+            & ((key_pos < self.sinks) | (key_pos >= query_pos - self.window))
         )
 
     def plan(self, items: Sequence[StepItem]) -> StepPlan:

@@ -101,7 +101,9 @@ class Llama:
                 )
             for chunk in plan.chunks:
                 rows = slice(chunk.row_start, chunk.row_end)
-                attn[rows] = _chunk_attention(kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows])
+                attn[rows] = _chunk_attention(
+                    kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                )
             kv.write(li, plan, k, v)
             x = x + F.linear(attn.view(-1, nh * hd), layer.wo)
             h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from service.engine.kv_cache import StepItem
 from service.engine.runner import TorchRunner
+from service.engine.scheduler import StepItem
 from service.procstat import rss_mb
 
 MODES = ("sinks", "window", "dense")
@@ -58,7 +58,7 @@ def streaming_nll(
     tokens: list[int],
     *,
     chunk: int = 1,
-    on_progress: Callable[[int], None] = lambda n: None,
+    on_progress: Callable[[int], object] = lambda n: None,
 ) -> PplResult:
     """Feed tokens[:-1] through slot 0 and score each next token."""
     runner.clear(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -19,7 +20,7 @@ class RopeScaling:
     scales only the low frequencies, blending between `low_freq_factor` and
     `high_freq_factor` wavelengths of the original context."""
 
-    kind: str  # "linear" | "llama3"
+    kind: Literal["linear", "llama3"]
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0

@@ -14,9 +14,10 @@ from typing import Protocol
 import torch
 
 from service.config import EngineConfig
-from service.engine.kv_cache import HostSlot, KVCache, StepItem
+from service.engine.kv_cache import HostSlot, KVCache
 from service.engine.model import Llama
 from service.engine.sampler import SampleRow, sample
+from service.engine.scheduler import StepItem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

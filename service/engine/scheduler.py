@@ -21,9 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.engine.kv_cache import StepItem
 from service.engine.slots import SlotManager
 from service.engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class StepItem:
+    """Tokens of one session fed in one step (from the scheduler; plain ints)."""
+
+    slot: int
+    tokens: Sequence[int]
+    start: int  # absolute position of tokens[0]
+    want_logits: bool  # the logits after the last token are needed
+    all_logits: bool = False  # the logits after every token (perplexity evaluation)
 
 
 @dataclass
@@ -158,9 +168,7 @@ class Scheduler:
             else:
                 n = min(budget, len(t.pending) - t.fed)
                 done = t.fed + n == len(t.pending)
-                plan.items.append(
-                    StepItem(s.slot, t.pending[t.fed : t.fed + n], s.position, done)
-                )
+                plan.items.append(StepItem(s.slot, t.pending[t.fed : t.fed + n], s.position, done))
                 plan.fed.append((t, n))
                 if done:
                     plan.sampled.append(t)

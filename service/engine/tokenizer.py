@@ -59,7 +59,9 @@ class Tokenizer:
         self.special_tokens = frozenset(t.content for t in added.values() if t.special)
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = None if bos_token is None else backend.token_to_id(bos_token)
-        ends = {backend.token_to_id(t) for t in (eos_token, *_END_TOKENS) if t in self.special_tokens}
+        ends = {
+            backend.token_to_id(t) for t in (eos_token, *_END_TOKENS) if t in self.special_tokens
+        }
         self.eos_ids = frozenset(ends | set(extra_eos_ids))
         # whether the tokenizer itself prepends BOS to plain text (Llama 3's does)
         self.add_bos = self.bos_id is not None and backend.encode("").ids[:1] == [self.bos_id]
@@ -103,10 +105,18 @@ class Tokenizer:
         backend.pre_tokenizer = _gguf_pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(
-            [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+            [
+                AddedToken(t, special=True, normalized=False)
+                for t, k in zip(tokens, types, strict=True)
+                if k == _CONTROL
+            ]
         )
         backend.add_tokens(
-            [AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+            [
+                AddedToken(t, normalized=False)
+                for t, k in zip(tokens, types, strict=True)
+                if k == _USER_DEFINED
+            ]
         )
 
         def token(key: str) -> str | None:
@@ -136,7 +146,9 @@ class Tokenizer:
             value = _read_json(path / name).get("eos_token_id")
             extra_eos += [] if value is None else [value] if isinstance(value, int) else value
         template_file = path / "chat_template.jinja"
-        template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        template = (
+            template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        )
         if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
             template = {t["name"]: t["template"] for t in template}.get("default")
         byte_level = "ByteLevel" in json.dumps(spec.get("decoder"))
@@ -173,13 +185,18 @@ class IncrementalDecoder:
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre == "smollm":
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
         )
     if pre in ("gpt2", "default"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False)
     splits = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
     if pre not in splits:
-        raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r}; known: smollm, gpt2, {', '.join(splits)}")
+        raise ValueError(
+            f"unsupported tokenizer.ggml.pre {pre!r}; known: smollm, gpt2, {', '.join(splits)}"
+        )
     return pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(splits[pre]), behavior="isolated"),
@@ -203,9 +220,7 @@ def _byte_level_bytes(backend: tokenizers.Tokenizer) -> list[bytes]:
     out = []
     for i in range(size):
         token = backend.id_to_token(i) or ""
-        out.append(
-            added[i].content.encode() if i in added else bytes(to_byte[c] for c in token)
-        )
+        out.append(added[i].content.encode() if i in added else bytes(to_byte[c] for c in token))
     return out
 
 

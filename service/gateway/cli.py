@@ -11,7 +11,6 @@ from typing import Any
 from service.config import ConfigError
 from service.gateway.auth import Authenticator
 from service.gateway.config import GatewayConfig
-from service.gateway.logs import configure_json_logs
 from service.gateway.server import Gateway
 
 _FLAG_HELP = {
@@ -46,7 +45,6 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="accept calls without a token (local use only; every caller is 'anonymous')",
     )
-    parser.add_argument("--log-level", default="info")
     parser.set_defaults(func=main_gateway)
     return parser
 
@@ -62,7 +60,6 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
 
 def main_gateway(args: argparse.Namespace) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
-    configure_json_logs(args.log_level)
     try:
         config = config_from_args(args)
         auth = Authenticator.from_environ(
@@ -81,15 +78,3 @@ def main_gateway(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m service.gateway.cli`) until the lead's CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="sinkserve")
-    add_gateway_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["gateway", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

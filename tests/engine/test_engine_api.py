@@ -56,8 +56,19 @@ def test_a_seed_makes_sampling_reproducible_and_another_seed_changes_it(make):
     runs = []
     for seed in (11, 11, 12):
         sid = engine.open_session()
-        runs.append(ids(collect(engine, sid, [5, 6, 7], max_new_tokens=24, temperature=1.5,
-                                seed=seed, ignore_eos=True)))
+        runs.append(
+            ids(
+                collect(
+                    engine,
+                    sid,
+                    [5, 6, 7],
+                    max_new_tokens=24,
+                    temperature=1.5,
+                    seed=seed,
+                    ignore_eos=True,
+                )
+            )
+        )
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
@@ -65,8 +76,18 @@ def test_top_k_of_one_is_greedy(make):
     engine = make()
     a, b = engine.open_session(), engine.open_session()
     greedy = ids(collect(engine, a, [9, 8, 7], max_new_tokens=12, ignore_eos=True))
-    top1 = ids(collect(engine, b, [9, 8, 7], max_new_tokens=12, temperature=0.8, top_k=1,
-                       seed=3, ignore_eos=True))
+    top1 = ids(
+        collect(
+            engine,
+            b,
+            [9, 8, 7],
+            max_new_tokens=12,
+            temperature=0.8,
+            top_k=1,
+            seed=3,
+            ignore_eos=True,
+        )
+    )
     assert greedy == top1
 
 
@@ -89,8 +110,9 @@ def test_a_stop_token_id_ends_the_turn_and_is_not_streamed(make):
     sid = engine.open_session()
     first = ids(collect(engine, sid, [5, 6, 7], max_new_tokens=8, ignore_eos=True))
     sid2 = engine.open_session()
-    events = collect(engine, sid2, [5, 6, 7], max_new_tokens=8, stop_token_ids=(first[3],),
-                     ignore_eos=True)
+    events = collect(
+        engine, sid2, [5, 6, 7], max_new_tokens=8, stop_token_ids=(first[3],), ignore_eos=True
+    )
     cut = first.index(first[3])
     assert ids(events) == first[:cut]
     assert events[-1].finish_reason is FinishReason.STOP
@@ -115,8 +137,12 @@ def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make)
     engine = make()
     sid = engine.open_session()
     ends = []
-    turn = engine.submit(sid, [3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True),
-                         lambda evs: ends.extend(e for e in evs if isinstance(e, TurnEnd)))
+    turn = engine.submit(
+        sid,
+        [3, 4],
+        SamplingParams(max_new_tokens=4000, ignore_eos=True),
+        lambda evs: ends.extend(e for e in evs if isinstance(e, TurnEnd)),
+    )
     with pytest.raises(SessionBusy):
         engine.submit(sid, [5], SamplingParams(), lambda e: None)
     engine.cancel(turn)
@@ -156,8 +182,9 @@ def test_leaving_the_async_stream_early_cancels_the_turn(make):
     sid = engine.open_session()
 
     async def run():
-        async for e in engine.generate(sid, [3], SamplingParams(max_new_tokens=4000,
-                                                                  ignore_eos=True)):
+        async for e in engine.generate(
+            sid, [3], SamplingParams(max_new_tokens=4000, ignore_eos=True)
+        ):
             if isinstance(e, TokenEvent) and e.index == 3:
                 break
 

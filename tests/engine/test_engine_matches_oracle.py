@@ -101,9 +101,7 @@ def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer, mode
     assert conv.check(0, 16, cfg, tensors) == 50
 
 
-def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(
-    tokenizer, model
-):
+def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(tokenizer, model):
     cfg, tensors = model
     sinks, window = 2, 12
     rec = RecordingEngine(

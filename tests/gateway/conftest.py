@@ -67,12 +67,8 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("SINKSERVE_E2E_TRITON_URL"):
         yield url
         return
-    try:
-        from service.triton.launcher import TritonServer
+    from service.triton.launcher import TritonServer
 
-        from service.engine import Engine  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"end-to-end tests need the engine and the Triton launcher: {err}")
     repo = tmp_path_factory.mktemp("model_repo") / "triton_model_repo"
     shutil.copytree(REPO_ROOT / "triton_model_repo", repo)
     config = repo / "sinkserve" / "config.pbtxt"

@@ -1,4 +1,4 @@
-"""The gateway as a process (`python -m service.gateway.cli`): SIGTERM lets the turn finish."""
+"""The gateway as a process (`sinkserve gateway`): SIGTERM lets the turn finish."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tests.gateway.conftest import REPO_ROOT, free_port
 async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_url: str) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.gateway.cli", "--port", str(port), "--metrics-port", "-1",
+        sys.executable, "-m", "service.cli", "--log-json", "gateway",
+        "--port", str(port), "--metrics-port", "-1",
         "--triton-url", triton_url, "--no-auth", "--health-interval-s", "0.2",
         cwd=REPO_ROOT, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -1,0 +1,78 @@
+"""`sinkserve serve`: Triton (with the engine) and the gateway on this machine, one command.
+
+Triton runs as a child process through the launcher; the gateway runs in this process.
+Ctrl-C (or SIGTERM) drains the gateway, then stops Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from service.gateway.auth import Authenticator
+from service.gateway.config import GatewayConfig
+from service.gateway.server import Gateway
+from service.triton.launcher import TritonLaunchError, TritonServer
+
+
+def add_serve_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("serve", help="run Triton and the gateway together (CPU default)")
+    p.add_argument("--host", default="127.0.0.1", help="address of every listener")
+    p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port")
+    p.add_argument("--triton-grpc-port", type=int, default=8001)
+    p.add_argument("--triton-http-port", type=int, default=8000)
+    p.add_argument("--triton-metrics-port", type=int, default=8002)
+    p.add_argument("--tokens-file", default="", help="file of 'caller:token' lines")
+    p.add_argument("--no-auth", action="store_true", help="accept calls without a token")
+    p.set_defaults(func=main_serve)
+    return p
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    config = GatewayConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        triton_url=f"{args.host}:{args.triton_grpc_port}",
+        tokens_file=args.tokens_file,
+        auth_disabled=args.no_auth,
+    )
+    auth = Authenticator.from_environ(
+        disabled=config.auth_disabled, tokens_file=config.tokens_file, tokens_env=config.tokens_env
+    )
+    triton = TritonServer(
+        host=args.host,
+        grpc_port=args.triton_grpc_port,
+        http_port=args.triton_http_port,
+        metrics_port=args.triton_metrics_port,
+    )
+    print("starting tritonserver and loading the model (about a minute on CPU)...", flush=True)
+    try:
+        triton.start()
+    except TritonLaunchError as exc:
+        print(f"sinkserve serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(_run_gateway(config, auth, triton))
+    finally:
+        triton.stop()
+    return 0
+
+
+async def _run_gateway(config: GatewayConfig, auth: Authenticator, triton: TritonServer) -> None:
+    gateway = Gateway(config, auth)
+    await gateway.start()
+    token = "" if config.auth_disabled else " --token <your token>"
+    print(
+        f"sinkserve is up: gateway {config.host}:{gateway.port} "
+        f"(metrics :{gateway.metrics_port}), Triton gRPC {triton.grpc_url} "
+        f"HTTP {triton.http_url} metrics {triton.metrics_url}\n"
+        f"chat with:  .venv/bin/sinkserve chat --target {config.host}:{gateway.port}{token}\n"
+        "Ctrl-C stops both.",
+        flush=True,
+    )
+    await gateway.run_until_signal()
