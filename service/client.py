@@ -194,10 +194,18 @@ class Conversation:
     async def _write(self, request: pb.ChatRequest) -> None:
         try:
             await self._call.write(request)
-        except Exception:
-            if self._call.done():
-                await self._call.read()  # raises the status that ended the stream
-            raise
+        except grpc.aio.AioRpcError:
+            # A write can lose the race with the server ending the stream; report the
+            # status the server ended it with, not the local write failure.
+            code = await self._call.code()
+            if code is grpc.StatusCode.OK:
+                raise
+            raise grpc.aio.AioRpcError(
+                code,
+                await self._call.initial_metadata(),
+                await self._call.trailing_metadata(),
+                details=await self._call.details(),
+            ) from None
 
     async def _drain(self) -> None:
         # read() raises the stream's error status, if it ended with one.
