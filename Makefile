@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Long real English text for the perplexity tests, from a Debian package (offline-safe).
-POLICY_TXT := /usr/share/doc/debian-policy/policy.txt.gz
+# Long real English text for the perplexity tests: the King James Psalms, from Debian's
+# bible-kjv (offline-safe, homogeneous in style, so perplexity by position is comparable).
+EVAL_TEXT := .cache/kjv-psalms.txt
 
 .PHONY: venv testdata lint test serve chat clean
 
@@ -20,8 +21,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-testdata:
-	@test -f $(POLICY_TXT) || { apt-get update -qq && apt-get install -y -qq debian-policy; }
+testdata: $(EVAL_TEXT)
+
+$(EVAL_TEXT):
+	@command -v bible >/dev/null || { apt-get update -qq && apt-get install -y -qq bible-kjv; }
+	mkdir -p $(dir $@)
+	# One verse a line, without the "Ps1:1 " references.
+	bible -f "Ps1:1-Ps150:6" </dev/null | sed -E 's/^[1-3]?[A-Za-z]+[0-9]+:[0-9]+ //' > $@.tmp
+	mv $@.tmp $@
 
 lint: venv
 	$(VENV)/bin/ruff check service tests bench

@@ -25,7 +25,7 @@ from service.engine.perplexity import read_text
 from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
 from service.procstat import rss_mb
 
-TEXT = Path("/usr/share/doc/debian-policy/policy.txt.gz")
+TEXT = Path(".cache/kjv-psalms.txt")  # made by `make testdata`
 
 
 def run_turn(

@@ -14,8 +14,6 @@ from service.logs import configure_logging
 from service.serve import add_serve_parser
 from service.triton.launcher import add_triton_parser
 
-DEFAULT_TEXT = Path("/usr/share/doc/debian-policy/policy.txt.gz")
-
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
@@ -85,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-ppl", help="streaming perplexity of a long text")
     add_engine_flags(p)
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file (.gz ok)")
+    p.add_argument("--text", type=Path, required=True, help="text file (.gz ok)")
     p.add_argument("--tokens", type=int, default=8000)
     p.add_argument("--mode", choices=("sinks", "window", "dense"), default="sinks")
     p.add_argument("--chunk", type=int, default=1, help="tokens per step (1 = token by token)")

@@ -21,6 +21,7 @@ import asyncio
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -96,7 +97,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._counters = {"prefill": 0, "generated": 0, "steps": 0}
+        self._counters = {"prefill": 0, "generated": 0, "steps": 0, "evicted": 0}
+        self._step_seconds: deque[float] = deque(maxlen=10_000)  # drained by metrics
         self._last_expiry = time.monotonic()
         self.log.info(
             "engine ready",
@@ -192,9 +194,7 @@ class Engine:
         """Queue a turn; returns its id. Raises an EngineError for requests that cannot
         run; everything after that arrives through `on_events`."""
         params.validate(self.config.max_new_tokens)
-        if isinstance(prompt, str) and not prompt:
-            raise InvalidRequest("empty prompt")
-        if not isinstance(prompt, str) and not prompt:
+        if not prompt:
             raise InvalidRequest("empty prompt")
         with self._lock:
             if self._stopping:
@@ -356,11 +356,18 @@ class Engine:
                 turns_waiting=len(self._sched.waiting),
                 prefill_tokens=self._counters["prefill"],
                 generated_tokens=self._counters["generated"],
-                evicted_tokens=sum(s.evicted_tokens for s in sessions),
+                evicted_tokens=self._counters["evicted"],
                 steps=self._counters["steps"],
                 bytes_per_slot=self.runner.bytes_per_slot,
                 session_info=infos,
             )
+
+    def take_step_seconds(self) -> list[float]:
+        """Durations of the steps run since the last call (for a histogram)."""
+        out = []
+        while self._step_seconds:
+            out.append(self._step_seconds.popleft())
+        return out
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -416,13 +423,18 @@ class Engine:
                 for t in plan.sampled
             ]
         if plan.items:
+            started = time.perf_counter()
             tokens = self.runner.step(plan.items, rows)
+            self._step_seconds.append(time.perf_counter() - started)
             with self._lock:
                 self._counters["steps"] += 1
                 self._counters["prefill"] += sum(
                     n for who, n in plan.fed if isinstance(who, Turn) and who.prefilling
                 )
+                fed = {who if isinstance(who, Session) else who.session for who, _ in plan.fed}
+                evicted_before = sum(s.evicted_tokens for s in fed)
                 self._sched.advance(plan)
+                self._counters["evicted"] += sum(s.evicted_tokens for s in fed) - evicted_before
                 for turn, token in zip(plan.sampled, tokens, strict=True):
                     if turn.turn_id in self._turns:
                         out.append((turn, self._on_token(turn, token)))

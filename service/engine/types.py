@@ -130,7 +130,7 @@ class EngineStats:
     turns_waiting: int
     prefill_tokens: int  # totals since start
     generated_tokens: int
-    evicted_tokens: int
+    evicted_tokens: int  # tokens that left a window (rebuilt sessions do not count twice)
     steps: int
     bytes_per_slot: int
     session_info: tuple[SessionInfo, ...] = field(default=())

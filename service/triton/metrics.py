@@ -34,6 +34,10 @@ COUNTERS = {
 }
 
 
+# Engine step durations, seconds: a CPU step of a small model is milliseconds to a second.
+STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
 class EngineMetrics:
     """Registers the families once per instance and refreshes them every `interval_s`."""
 
@@ -42,10 +46,18 @@ class EngineMetrics:
         pb_utils: Any,
         labels: dict[str, str],
         stats: Callable[[], EngineStats],
+        step_seconds: Callable[[], list[float]],
         interval_s: float = 1.0,
     ):
         family = pb_utils.MetricFamily
-        self._families = []
+        steps = family(
+            name="sinkserve_step_duration_seconds",
+            description="Engine step duration (one batched forward + sampling)",
+            kind=family.HISTOGRAM,
+        )
+        self._step_histogram = steps.Metric(labels=labels, buckets=STEP_BUCKETS)
+        self._step_seconds = step_seconds
+        self._families = [steps]
         self._gauges = {}
         self._counters = {}
         for name, (doc, _) in GAUGES.items():
@@ -64,6 +76,8 @@ class EngineMetrics:
         self._thread.start()
 
     def update(self, stats: EngineStats) -> None:
+        for seconds in self._step_seconds():
+            self._step_histogram.observe(seconds)
         for name, (_, get) in GAUGES.items():
             self._gauges[name].set(float(get(stats)))
         for name, (_, get) in COUNTERS.items():

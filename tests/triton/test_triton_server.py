@@ -138,6 +138,7 @@ async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(clie
 async def test_sinkserve_metrics_appear_on_the_metrics_port(client, triton):
     await conversation(client, "metrics", QUESTIONS[:1])
     assert wait_for_metric(triton, "sinkserve_generated_tokens_total", lambda v: v > 0)
+    assert wait_for_metric(triton, "sinkserve_step_duration_seconds_count", lambda v: v > 0)
     for name in (
         "sinkserve_sessions_active",
         "sinkserve_sessions_in_slots",

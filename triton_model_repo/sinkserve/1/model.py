@@ -42,7 +42,11 @@ class TritonPythonModel:
         self.watcher = CancelWatcher(self.engine.cancel)
         labels = {"model": name, "version": args["model_version"]}
         self.metrics = EngineMetrics(
-            pb_utils, labels, self.engine.stats, self.settings.metrics_interval_s
+            pb_utils,
+            labels,
+            self.engine.stats,
+            self.engine.take_step_seconds,
+            self.settings.metrics_interval_s,
         )
         log.info(
             "model ready",
