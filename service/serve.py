@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from service.gateway.auth import Authenticator
 from service.gateway.config import GatewayConfig
 from service.gateway.server import Gateway
-from service.triton.launcher import TritonLaunchError, TritonServer
+from service.triton.launcher import TritonLaunchError, TritonServer, default_model_repository
 
 
 def add_serve_parser(
@@ -23,6 +24,12 @@ def add_serve_parser(
     p.add_argument("--host", default="127.0.0.1", help="address of every listener")
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
     p.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=default_model_repository(),
+        help="Triton model repository (default: the checkout's triton_model_repo)",
+    )
     p.add_argument("--triton-grpc-port", type=int, default=8001)
     p.add_argument("--triton-http-port", type=int, default=8000)
     p.add_argument("--triton-metrics-port", type=int, default=8002)
@@ -45,6 +52,7 @@ def main_serve(args: argparse.Namespace) -> int:
         disabled=config.auth_disabled, tokens_file=config.tokens_file, tokens_env=config.tokens_env
     )
     triton = TritonServer(
+        model_repository=args.model_repository,
         host=args.host,
         grpc_port=args.triton_grpc_port,
         http_port=args.triton_http_port,
