@@ -36,7 +36,7 @@ class StepItem:
     all_logits: bool = False  # the logits after every token (perplexity evaluation)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: mutable state, hashable
 class Turn:
     """One user turn: its tokens to prefill, then generation until a finish condition."""
 
@@ -57,7 +57,7 @@ class Turn:
         return self.fed < len(self.pending)
 
 
-@dataclass
+@dataclass(eq=False)
 class Session:
     session_id: str
     sinks: int
