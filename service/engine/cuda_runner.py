@@ -104,8 +104,9 @@ class CudaGraphRunner(TorchRunner):
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs
-        if sm_count is None:
-            sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+        if sm_count is None:  # off CUDA (interpreter tests): as if 8 SMs, to split the window
+            cuda = dev.type == "cuda"
+            sm_count = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
         self.sm_count = sm_count
         size, self.bucket_sizes = 1, []
         while size < config.max_sessions:
@@ -163,7 +164,9 @@ class CudaGraphRunner(TorchRunner):
                 n = len(it.tokens) if it.all_logits else 1
                 parts.append(chunk_logits[next_chunk_row : next_chunk_row + n])
                 next_chunk_row += n
-        return torch.cat(parts) if parts else torch.empty(0, device=self.model.device)
+        if not parts:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
+        return torch.cat(parts)
 
     def _decode(self, items: list[StepItem]) -> _Bucket:
         """Run the decode group: stage inputs, pad to the bucket, replay."""
