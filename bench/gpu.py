@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.config import EngineConfig  # noqa: E402
-from service.engine.model import Llama  # noqa: E402
-from service.engine.runner import TorchRunner  # noqa: E402
-from service.engine.sampler import SampleRow  # noqa: E402
-from service.engine.scheduler import StepItem  # noqa: E402
-from service.engine.types import SamplingParams  # noqa: E402
-from service.engine.weights import ModelConfig  # noqa: E402
+from service.config import EngineConfig
+from service.engine.model import Llama
+from service.engine.runner import TorchRunner
+from service.engine.sampler import SampleRow
+from service.engine.scheduler import StepItem
+from service.engine.types import SamplingParams
+from service.engine.weights import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -367,7 +367,7 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     ref_s = median_time(ref_step, dev, reps=max(5, steps // 10), warmup=2)
     nbytes = weights_bytes(model) + kv_bytes(runner, 1)
     roof_s = nbytes / copy_bw
-    del runner, model, hf, ref, keys, values
+    del runner, model, hf, keys, values
     return {
         "shape": shape.name,
         "cache": f"4+{window}",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def decode_forward(
         attn = torch.empty(b, nh, hd, dtype=x.dtype, device=x.device)
         decode_attention(
             qkv,
-            rope,  # type: ignore[arg-type]
+            rope,
             kv.k[li],
             kv.v[li],
             kv.kpos,
@@ -117,7 +118,7 @@ class CudaGraphRunner(TorchRunner):
         self.inputs = torch.zeros(3, size, dtype=torch.long, device=dev)
         self.staging = torch.zeros(3, size, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._buckets: dict[int, _Bucket] = {}
-        self._pool: tuple[int, int] | None = None
+        self._pool: Any = None  # the graphs share one memory pool
 
     def capture_all(self) -> None:
         """Capture every bucket now instead of on first use."""
@@ -178,7 +179,7 @@ class CudaGraphRunner(TorchRunner):
         staged[2, :n] = [it.slot for it in items]
         staged[:, n : bucket.size] = [[0], [0], [self.scratch_slot]]
         # The previous step read its ids back, so the last copy out of `staging` is done.
-        self.inputs[:, : bucket.size].copy_(self.staging[:, : bucket.size], non_blocking=True)
+        self.inputs.copy_(self.staging, non_blocking=True)
         bucket.run()
         return bucket
 
@@ -190,7 +191,11 @@ class CudaGraphRunner(TorchRunner):
     def _build(self, size: int) -> _Bucket:
         cfg = self.model.cfg
         splits = num_splits(size, cfg.num_kv_heads, self.kv.window, self.sm_count, BLOCK_N)
-        tokens, positions, slots = self.inputs[0, :size], self.inputs[1, :size], self.inputs[2, :size]
+        tokens, positions, slots = (
+            self.inputs[0, :size],
+            self.inputs[1, :size],
+            self.inputs[2, :size],
+        )
         logits = torch.empty(size, cfg.vocab_size, device=self.model.device)
         ids = torch.empty(size, dtype=torch.long, device=self.model.device)
 
@@ -203,7 +208,8 @@ class CudaGraphRunner(TorchRunner):
             return _Bucket(size, body, logits, ids)
         # Warm up (compiles the Triton kernels) on padding rows: only the scratch slot is
         # written. Then capture.
-        self.inputs[:, :size] = torch.tensor([[0], [0], [self.scratch_slot]])
+        self.inputs[2] = self.scratch_slot
+        self.inputs[:2] = 0
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -159,12 +159,13 @@ def _split_kernel(
         acc2 = acc2 * alpha[:, None] + p_own[:, None] * vn2
         m_i = m_new
 
+    # Partials keep only the G real query rows: [part, G, hd] and [part, 2, G].
     part = (row * NUM_KV_HEADS + h) * nsplit + sp
-    acc_offs = acc_ptr + part * GP * hd + r[:, None] * hd + d[None, :]
-    tl.store(acc_offs, acc1)
-    tl.store(acc_offs + HALF, acc2)
-    tl.store(ml_ptr + part * 2 * GP + r, m_i)
-    tl.store(ml_ptr + part * 2 * GP + GP + r, l_i)
+    acc_offs = acc_ptr + part * G * hd + r[:, None] * hd + d[None, :]
+    tl.store(acc_offs, acc1, mask=rmask[:, None])
+    tl.store(acc_offs + HALF, acc2, mask=rmask[:, None])
+    tl.store(ml_ptr + part * 2 * G + r, m_i, mask=rmask)
+    tl.store(ml_ptr + part * 2 * G + G + r, l_i, mask=rmask)
 
 
 @triton.jit
@@ -202,19 +203,20 @@ def _combine_kernel(
     l_sum = tl.zeros([GP], tl.float32)
     o1 = tl.zeros([GP, HALF], tl.float32)
     o2 = tl.zeros([GP, HALF], tl.float32)
+    rmask = (r < G)[:, None]
     for sp in range(0, NSPLIT):
-        base = (part0 + sp) * 2 * GP
-        m_s = tl.load(ml_ptr + base + r)
-        l_s = tl.load(ml_ptr + base + GP + r)
+        base = (part0 + sp) * 2 * G
+        m_s = tl.load(ml_ptr + base + r, mask=r < G, other=-1.0e30)
+        l_s = tl.load(ml_ptr + base + G + r, mask=r < G, other=0.0)
         m_new = tl.maximum(m, m_s)
         a = tl.exp2(m - m_new)
         b = tl.exp2(m_s - m_new)
-        acc_offs = acc_ptr + (part0 + sp) * GP * hd + r[:, None] * hd + d[None, :]
-        o1 = o1 * a[:, None] + tl.load(acc_offs) * b[:, None]
-        o2 = o2 * a[:, None] + tl.load(acc_offs + HALF) * b[:, None]
+        acc_offs = acc_ptr + (part0 + sp) * G * hd + r[:, None] * hd + d[None, :]
+        o1 = o1 * a[:, None] + tl.load(acc_offs, mask=rmask, other=0.0) * b[:, None]
+        o2 = o2 * a[:, None] + tl.load(acc_offs + HALF, mask=rmask, other=0.0) * b[:, None]
         l_sum = l_sum * a + l_s * b
         m = m_new
-    rmask = (r < G)[:, None]
+    l_sum = tl.where(r < G, l_sum, 1.0)  # padding rows: avoid 0 / 0
     out_offs = out_ptr + (row * NUM_HEADS + h * G + r)[:, None] * hd + d[None, :]
     out_ty = out_ptr.dtype.element_ty
     tl.store(out_offs, (o1 / l_sum[:, None]).to(out_ty), mask=rmask)
@@ -273,10 +275,10 @@ def decode_attention(
     g = nh // nkv
     gp = max(16, triton.next_power_of_2(g))
     half = hd // 2
-    split_len = -(-(-(-window // splits)) // block_n) * block_n
-    splits = -(-window // split_len)
-    acc = torch.empty(b * nkv * splits * gp * hd, dtype=torch.float32, device=qkv.device)
-    ml = torch.empty(b * nkv * splits * 2 * gp, dtype=torch.float32, device=qkv.device)
+    split_len = triton.cdiv(triton.cdiv(window, splits), block_n) * block_n
+    splits = triton.cdiv(window, split_len)
+    acc = torch.empty(b * nkv * splits * g * hd, dtype=torch.float32, device=qkv.device)
+    ml = torch.empty(b * nkv * splits * 2 * g, dtype=torch.float32, device=qkv.device)
     cos_p, sin_p, cos_c, sin_c = rope
     common = dict(NUM_HEADS=nh, NUM_KV_HEADS=nkv, G=g, GP=gp, HALF=half, S=sinks, W=window)
     _split_kernel[(b, nkv, splits)](

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from service.engine.cuda_runner import CudaGraphRunner  # noqa: E402
-from tests.engine.helpers import RecordingEngine, tiny_model  # noqa: E402
-from tests.engine.test_engine_matches_oracle import (  # noqa: E402
+from service.engine.cuda_runner import CudaGraphRunner
+from tests.engine.helpers import RecordingEngine, tiny_model
+from tests.engine.test_engine_matches_oracle import (
     Conversation,
     run_until_idle,
     tokens,

@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from service.engine.fused_ops import add_rms_norm, silu_mul  # noqa: E402
-from service.engine.rope import cos_sin, inv_frequencies, rotate  # noqa: E402
-from service.engine.sink_attention import decode_attention  # noqa: E402
+from service.engine.fused_ops import add_rms_norm, silu_mul
+from service.engine.rope import cos_sin, inv_frequencies, rotate
+from service.engine.sink_attention import decode_attention
 
 TOL = 1e-4
 
