@@ -28,5 +28,10 @@ def load_model(config: EngineConfig) -> tuple[Llama, Tokenizer]:
 
 
 def build_runner(config: EngineConfig) -> tuple[TorchRunner, Tokenizer]:
+    """CUDA devices get the CUDA-graph runner (Triton kernels, imported only then)."""
     model, tokenizer = load_model(config)
+    if config.device.startswith("cuda"):
+        from service.engine.cuda_runner import CudaGraphRunner
+
+        return CudaGraphRunner(config, model), tokenizer
     return TorchRunner(config, model), tokenizer

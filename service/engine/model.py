@@ -74,7 +74,7 @@ class Llama:
                     w_down=get(p + "w_down"),
                 )
             )
-        self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
     def forward(self, kv: KVCache, plan: StepPlan) -> torch.Tensor:
         """Run one step, write its keys/values into `kv`, return float32 logits for

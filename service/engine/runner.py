@@ -42,14 +42,17 @@ LogitsHook = Callable[[Sequence[SampleRow], torch.Tensor], None]
 
 
 class TorchRunner:
-    """Llama forward + sampling over a preallocated `KVCache`."""
+    """Llama forward + sampling over a preallocated `KVCache`.
 
-    def __init__(self, config: EngineConfig, model: Llama) -> None:
+    `extra_slots` adds KV slots past `config.max_sessions` that the scheduler never hands
+    out (the CUDA runner points the padding rows of a graph's batch at one)."""
+
+    def __init__(self, config: EngineConfig, model: Llama, *, extra_slots: int = 0) -> None:
         cfg = model.cfg
         self.model = model
         self.kv = KVCache(
             num_layers=cfg.num_layers,
-            num_slots=config.max_sessions,
+            num_slots=config.max_sessions + extra_slots,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
             sinks=config.sinks,

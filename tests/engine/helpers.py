@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
+import tokenizers
 import torch
 
 from service.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.model import Llama
-from service.engine.runner import TorchRunner
+from service.engine.runner import TorchRunner, torch_dtype
 from service.engine.tokenizer import Tokenizer
 from service.engine.weights import ModelConfig
 
 
-def tiny_model(vocab: int, *, seed: int = 0, qkv_bias: bool = True) -> tuple[ModelConfig, dict]:
-    """A 2-layer GQA Llama (4 query heads, 2 KV heads) with random weights."""
+def tiny_model(
+    vocab: int,
+    *,
+    seed: int = 0,
+    qkv_bias: bool = True,
+    hidden: int = 32,
+    head_dim: int = 8,
+    layers: int = 2,
+) -> tuple[ModelConfig, dict]:
+    """A GQA Llama (4 query heads, 2 KV heads; 2 layers by default) with random weights.
+    Weight scales shrink with sqrt(hidden) so activations keep the default model's size."""
     g = torch.Generator().manual_seed(seed)
+    width = (32 / hidden) ** 0.5
 
     def rnd(*shape: int, scale: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
+        return torch.randn(*shape, generator=g) * scale * (width if len(shape) == 2 else 1)
 
-    h, inter, hd, nh, nkv, layers = 32, 64, 8, 4, 2, 2
+    h, inter, hd, nh, nkv = hidden, 2 * hidden, head_dim, 4, 2
     cfg = ModelConfig(
         vocab_size=vocab,
         hidden_size=h,
@@ -60,15 +72,40 @@ def tiny_model(vocab: int, *, seed: int = 0, qkv_bias: bool = True) -> tuple[Mod
     return cfg, t
 
 
+def synthetic_tokenizer(vocab: int) -> Tokenizer:
+    """A word-level tokenizer of `vocab` ids ("t0 ", "t1 ", ...) with a minimal chat
+    template: for machines without the default model's GGUF (the GPU bench)."""
+    words = {f"t{i}": i for i in range(vocab)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="t0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    template = (
+        "{% for m in messages %}t1 {{ m.content }} t2 {% endfor %}"
+        "{% if add_generation_prompt %}t1 {% endif %}"
+    )
+    return Tokenizer(
+        backend,
+        token_bytes=[f"t{i} ".encode() for i in range(vocab)],
+        bos_token=None,
+        eos_token=None,
+        chat_template=template,
+    )
+
+
 class RecordingEngine:
     """An engine over a tiny model whose sampled logits are kept per turn id."""
 
     def __init__(
-        self, tokenizer: Tokenizer, tensors: dict, cfg: ModelConfig, **config: object
+        self,
+        tokenizer: Tokenizer,
+        tensors: dict,
+        cfg: ModelConfig,
+        runner: Callable[[EngineConfig, Llama], TorchRunner] = TorchRunner,
+        **config: object,
     ) -> None:
         self.config = EngineConfig(**config)  # type: ignore[arg-type]
-        model = Llama(cfg, tensors, torch.float32, torch.device("cpu"))
-        self.runner = TorchRunner(self.config, model)
+        c = self.config
+        model = Llama(cfg, tensors, torch_dtype(c.dtype), torch.device(c.device))
+        self.runner = runner(self.config, model)
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.runner.logits_hook = self._record
         self.engine = Engine(self.config, self.runner, tokenizer)

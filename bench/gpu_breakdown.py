@@ -1,0 +1,119 @@
+"""Where a Llama-2-7B-shape batch-1 decode step goes (GPU; one JSON object).
+
+    python3 bench/gpu_breakdown.py [--out DIR]
+
+Times each kernel of one layer inside a CUDA graph (triton.testing.do_bench_cudagraph):
+the four projections (achieved bandwidth over their weight bytes), the attention kernel
+at a full 4+2044 cache for several window splits, the fused norm and SiLU kernels; then
+the per-step sum against the roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.engine.fused_ops import add_rms_norm, silu_mul
+from service.engine.rope import cos_sin, inv_frequencies
+from service.engine.sink_attention import decode_attention
+
+
+def bench_ms(fn) -> float:
+    return do_bench_cudagraph(fn, rep=200)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    h, ffn, vocab, nh, nkv, hd, layers, s, w = 4096, 11008, 32000, 32, 32, 128, 32, 4, 2044
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=dev, dtype=bf) * 0.02
+
+    bufs = [torch.randint(0, 255, (1 << 32,), dtype=torch.uint8, device=dev)]
+    bufs.append(torch.empty_like(bufs[0]))
+    copy_bw = 2 * bufs[0].numel() / (bench_ms(lambda: bufs[1].copy_(bufs[0])) / 1e3)
+    bufs.clear()
+    x = rnd(1, h)
+    out: dict = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
+    gemv = {}
+    for name, (n_out, n_in) in {
+        "wqkv": (3 * h, h),
+        "wo": (h, h),
+        "w_gate_up": (2 * ffn, h),
+        "w_down": (h, ffn),
+        "lm_head": (vocab, h),
+    }.items():
+        wt, a = rnd(n_out, n_in), rnd(1, n_in)
+        ms = bench_ms(lambda wt=wt, a=a: F.linear(a, wt))
+        gemv[name] = {"us": ms * 1e3, "GBps": wt.numel() * 2 / (ms / 1e3) / 1e9}
+    out["projections"] = gemv
+
+    kc = torch.randn(2, nkv, s + w, hd, generator=g, device=dev, dtype=bf)
+    vc = torch.randn_like(kc)
+    t0 = 100_000
+    kpos = torch.full((2, s + w), -1, dtype=torch.long, device=dev)
+    pos = torch.cat([torch.arange(s), torch.arange(t0 - w, t0)]).to(dev)
+    kpos[0, torch.where(pos < s, pos, s + (pos - s) % w)] = pos
+    qkv = rnd(1, (nh + 2 * nkv) * hd)
+    positions = torch.tensor([t0], device=dev)
+    slots = torch.tensor([0], device=dev)
+    inv = inv_frequencies(hd, 10000.0, None).to(dev)
+    rope = (
+        *cos_sin(positions, inv, torch.float32),
+        *cos_sin(positions.clamp(max=s + w), inv, torch.float32),
+    )
+    o = torch.empty(1, nh, hd, device=dev, dtype=bf)
+    kv_bytes = 2 * kc[0].numel() * 2
+    attn = {}
+    for splits in (4, 8, 16, 32):
+        for block_n in (32, 64, 128):
+
+            def run(splits=splits, block_n=block_n):
+                positions.fill_(t0)  # the kernel stores at t0's ring index; reads stay the same
+                decode_attention(
+                    qkv, rope, kc, vc, kpos, slots, positions, o,
+                    sinks=s, window=w, splits=splits, block_n=block_n,
+                )  # fmt: skip
+
+            ms = bench_ms(run)
+            attn[f"splits{splits}_block{block_n}"] = {
+                "us": ms * 1e3,
+                "GBps": kv_bytes / (ms / 1e3) / 1e9,
+            }
+    out["attention_one_layer"] = attn
+    norm_w = torch.ones(h, device=dev, dtype=bf)
+    out["add_rms_norm_us"] = bench_ms(lambda: add_rms_norm(x, x, norm_w, 1e-5)) * 1e3
+    gu = rnd(1, 2 * ffn)
+    out["silu_mul_us"] = bench_ms(lambda: silu_mul(gu)) * 1e3
+    best_attn = min(v["us"] for v in attn.values())
+    per_layer = (
+        sum(gemv[k]["us"] for k in ("wqkv", "wo", "w_gate_up", "w_down"))
+        + best_attn
+        + 2 * out["add_rms_norm_us"]
+        + out["silu_mul_us"]
+    )
+    weights = (3 * h * h + h * h + 3 * ffn * h) * 2 * layers + vocab * h * 2
+    roof_ms = (weights + layers * (kv_bytes + (s + w) * 8)) / copy_bw * 1e3
+    out["sum_of_kernels_ms"] = (layers * per_layer + gemv["lm_head"]["us"]) / 1e3
+    out["roofline_ms"] = roof_ms
+    text = json.dumps(out, indent=2)
+    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"gpu-breakdown-{slug}.json").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

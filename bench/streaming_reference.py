@@ -1,0 +1,99 @@
+"""The StreamingLLM reference method on a Hugging Face transformers Llama (benchmark only).
+
+As in mit-han-lab/streaming-llm: batch 1, keys kept *before* RoPE, after each token the
+cache is cut to the S first plus the W last entries (a `torch.cat` of the two slices per
+layer), and every step re-rotates the whole cache at positions 0..n-1 within the cache,
+the query at n-1; eager attention (matmul, float32 softmax, matmul).
+
+`step` runs the model's own forward (`hf(input_ids)`) with every attention module's
+`forward` replaced, which is how the reference code hooks in; `lean_step` calls the same
+modules from a plain loop, without transformers' per-layer machinery (a faster variant
+of the same method, reported beside it).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+
+class HFStreamingReference:
+    """One session over `hf` (a `LlamaForCausalLM`) with pre-RoPE K/V caches."""
+
+    def __init__(self, hf: torch.nn.Module, sinks: int, window: int) -> None:
+        self.hf, self.sinks, self.window = hf, sinks, window
+        cfg = hf.config
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = cfg.hidden_size // self.nh
+        dev = hf.lm_head.weight.device
+        # The cos/sin table of the reference code (rotary_emb's cached table), float32 math.
+        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+        inv = 1.0 / (theta ** (torch.arange(0, self.hd, 2, device=dev).float() / self.hd))
+        angles = torch.outer(torch.arange(sinks + window + 1, device=dev).float(), inv)
+        emb = torch.cat([angles, angles], dim=-1)
+        dtype = hf.lm_head.weight.dtype
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.keys: list[torch.Tensor] = []  # per layer [1, nKV, n, hd], pre-RoPE
+        self.values: list[torch.Tensor] = []
+
+    def set_cache(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.keys, self.values = list(keys), list(values)
+
+    def patch(self) -> None:
+        """Replace each layer's attention forward with the pos-shift one (idempotent)."""
+        for i, layer in enumerate(self.hf.model.layers):
+            attn = layer.self_attn
+
+            def forward(hidden_states, *args, _i=i, _attn=attn, **kwargs):
+                return self._attention(_i, _attn, hidden_states), None
+
+            attn.forward = forward
+
+    def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        q = attn.q_proj(h).view(1, 1, self.nh, self.hd).transpose(1, 2)
+        k = attn.k_proj(h).view(1, 1, self.nkv, self.hd).transpose(1, 2)
+        v = attn.v_proj(h).view(1, 1, self.nkv, self.hd).transpose(1, 2)
+        keys = torch.cat([self.keys[i], k], dim=2) if len(self.keys) > i else k
+        values = torch.cat([self.values[i], v], dim=2) if len(self.values) > i else v
+        n = keys.shape[2]
+        cos, sin = self.cos[:n][None], self.sin[:n][None]
+        q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - 1 :], sin[:, n - 1 :])
+        k_rot, _ = apply_rotary_pos_emb(keys, keys, cos, sin)  # the whole cache, again
+        k_rot = repeat_kv(k_rot, self.nh // self.nkv)
+        vals = repeat_kv(values, self.nh // self.nkv)
+        scores = q_rot @ k_rot.transpose(2, 3) / self.hd**0.5
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out = (probs @ vals).transpose(1, 2).reshape(1, 1, self.nh * self.hd)
+        self._store(i, keys, values)
+        return attn.o_proj(out)
+
+    @torch.inference_mode()
+    def step(self, token: int) -> torch.Tensor:
+        """Feed one token through the model's own forward; return float32 logits [vocab]."""
+        self.patch()
+        dev = self.hf.lm_head.weight.device
+        out = self.hf(input_ids=torch.tensor([[token]], device=dev), use_cache=False)
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
+    def lean_step(self, token: int) -> torch.Tensor:
+        """The same step from a plain loop over the modules; float32 logits [vocab]."""
+        model = self.hf.model
+        dev = self.hf.lm_head.weight.device
+        x = model.embed_tokens(torch.tensor([[token]], device=dev))
+        for i, layer in enumerate(model.layers):
+            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.hf.lm_head(model.norm(x))[0, -1].float()
+
+    def _store(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Evict to S sinks + W recent, as StartRecentKVCache does after each step."""
+        s, w = self.sinks, self.window
+        if keys.shape[2] > s + w:
+            keys = torch.cat([keys[:, :, :s], keys[:, :, -w:]], dim=2)
+            values = torch.cat([values[:, :, :s], values[:, :, -w:]], dim=2)
+        if len(self.keys) <= i:
+            self.keys.append(keys)
+            self.values.append(values)
+        else:
+            self.keys[i], self.values[i] = keys, values

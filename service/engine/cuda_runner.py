@@ -1,0 +1,223 @@
+"""The CUDA runner: decode steps replayed from CUDA graphs, prefill chunks run eagerly.
+
+A step's single-token items (the decode group) run through `decode_forward`, captured
+once per batch-size bucket (1, 2, 4, ... up to max_sessions) as a CUDA graph over static
+input buffers (token, position, slot per row). A batch is padded to its bucket with rows
+that point at a scratch KV slot no session owns, so padding never touches a session's
+cache. Each step costs one host-to-device copy of the inputs, one graph replay and one
+read of the sampled ids (greedy rows take the argmax computed inside the graph; other
+rows go through the regular sampler on the graph's logits). Multi-token items (prefill
+chunks) take the eager PyTorch path of `Llama.forward`.
+
+Decode attention reads the cache in place by slot index (`sink_attention`); the
+residual/norm and SiLU steps are fused Triton kernels (`fused_ops`). With graphs off (a
+CPU device under TRITON_INTERPRET=1, for tests) the same body runs eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from service.config import EngineConfig
+from service.engine.fused_ops import add_rms_norm, silu_mul
+from service.engine.kv_cache import KVCache
+from service.engine.model import Llama
+from service.engine.rope import cos_sin
+from service.engine.runner import TorchRunner
+from service.engine.sampler import SampleRow, sample
+from service.engine.scheduler import StepItem
+from service.engine.sink_attention import decode_attention, num_splits
+
+BLOCK_N = 64  # window keys per attention tile
+
+
+def decode_forward(
+    model: Llama,
+    kv: KVCache,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    splits: int,
+) -> torch.Tensor:
+    """One decode token per row: write each row's K/V and position into its slot and
+    return logits [B, vocab] in the model's dtype. Static shapes, no host synchronisation."""
+    cfg = model.cfg
+    b, nh, hd = tokens.shape[0], cfg.num_heads, cfg.head_dim
+    limit = kv.sinks + kv.window
+    rope = (
+        *cos_sin(positions, model.inv_freq, torch.float32),
+        *cos_sin(positions.clamp(max=limit), model.inv_freq, torch.float32),
+    )
+    x = F.embedding(tokens, model.embed)  # the residual stream, updated in place
+    delta = None
+    for li, layer in enumerate(model.layers):
+        h = add_rms_norm(x, delta, layer.attn_norm, cfg.rms_eps)
+        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        attn = torch.empty(b, nh, hd, dtype=x.dtype, device=x.device)
+        decode_attention(
+            qkv,
+            rope,
+            kv.k[li],
+            kv.v[li],
+            kv.kpos,
+            slots,
+            positions,
+            attn,
+            sinks=kv.sinks,
+            window=kv.window,
+            splits=splits,
+            block_n=BLOCK_N,
+        )
+        delta = F.linear(attn.view(b, nh * hd), layer.wo)
+        h = add_rms_norm(x, delta, layer.ffn_norm, cfg.rms_eps)
+        delta = F.linear(silu_mul(F.linear(h, layer.w_gate_up)), layer.w_down)
+    h = add_rms_norm(x, delta, model.norm, cfg.rms_eps)
+    # Positions are committed once every layer has read the old ones.
+    kv.kpos[slots, kv.cache_index(positions)] = positions
+    return F.linear(h, model.lm_head)
+
+
+@dataclass
+class _Bucket:
+    size: int
+    run: Callable[[], None]
+    logits: torch.Tensor  # [size, vocab] float32, rewritten by each run
+    ids: torch.Tensor  # [size] greedy argmax of `logits`
+
+
+class CudaGraphRunner(TorchRunner):
+    """`TorchRunner` whose decode steps replay CUDA graphs (one per batch-size bucket)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: Llama,
+        *,
+        graphs: bool | None = None,
+        sm_count: int | None = None,
+    ) -> None:
+        super().__init__(config, model, extra_slots=1)
+        dev = model.device
+        self.scratch_slot = config.max_sessions
+        self.graphs = dev.type == "cuda" if graphs is None else graphs
+        if sm_count is None:  # off CUDA (interpreter tests): as if 8 SMs, to split the window
+            cuda = dev.type == "cuda"
+            sm_count = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
+        self.sm_count = sm_count
+        size, self.bucket_sizes = 1, []
+        while size < config.max_sessions:
+            self.bucket_sizes.append(size)
+            size *= 2
+        self.bucket_sizes.append(size)
+        # rows: token, position, slot (static: graphs read these addresses)
+        self.inputs = torch.zeros(3, size, dtype=torch.long, device=dev)
+        self.staging = torch.zeros(3, size, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._buckets: dict[int, _Bucket] = {}
+        self._pool: Any = None  # the graphs share one memory pool
+
+    def capture_all(self) -> None:
+        """Capture every bucket now instead of on first use."""
+        for size in self.bucket_sizes:
+            self._bucket(size)
+
+    @torch.inference_mode()
+    def step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:
+        singles = [it for it in items if len(it.tokens) == 1]
+        chunks = [it for it in items if len(it.tokens) > 1]
+        bucket = self._decode(singles) if singles else None
+        simple = (
+            bucket is not None
+            and not chunks
+            and all(it.want_logits for it in items)
+            and self.logits_hook is None
+            and all(r.params.temperature == 0 and r.params.repetition_penalty == 1 for r in rows)
+        )
+        if simple and bucket is not None:
+            return bucket.ids[: len(items)].tolist()
+        logits = self._gather_logits(items, singles, bucket, chunks)
+        if self.logits_hook is not None:
+            self.logits_hook(rows, logits)
+        return sample(logits, rows)
+
+    def _gather_logits(
+        self,
+        items: Sequence[StepItem],
+        singles: list[StepItem],
+        bucket: _Bucket | None,
+        chunks: list[StepItem],
+    ) -> torch.Tensor:
+        """Logits rows of the items that want them, in the caller's item order."""
+        chunk_logits = self.model.forward(self.kv, self.kv.plan(chunks)) if chunks else None
+        single_row = {id(it): i for i, it in enumerate(singles)}
+        parts, next_chunk_row = [], 0
+        for it in items:
+            if not it.want_logits:
+                continue
+            if id(it) in single_row and bucket is not None:
+                i = single_row[id(it)]
+                parts.append(bucket.logits[i : i + 1])
+            elif chunk_logits is not None:
+                n = len(it.tokens) if it.all_logits else 1
+                parts.append(chunk_logits[next_chunk_row : next_chunk_row + n])
+                next_chunk_row += n
+        if not parts:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
+        return torch.cat(parts)
+
+    def _decode(self, items: list[StepItem]) -> _Bucket:
+        """Run the decode group: stage inputs, pad to the bucket, replay."""
+        n = len(items)
+        bucket = self._bucket(next(s for s in self.bucket_sizes if s >= n))
+        staged = self.staging.numpy()
+        staged[0, :n] = [it.tokens[0] for it in items]
+        staged[1, :n] = [it.start for it in items]
+        staged[2, :n] = [it.slot for it in items]
+        staged[:, n : bucket.size] = [[0], [0], [self.scratch_slot]]
+        # The previous step read its ids back, so the last copy out of `staging` is done.
+        self.inputs.copy_(self.staging, non_blocking=True)
+        bucket.run()
+        return bucket
+
+    def _bucket(self, size: int) -> _Bucket:
+        if size not in self._buckets:
+            self._buckets[size] = self._build(size)
+        return self._buckets[size]
+
+    def _build(self, size: int) -> _Bucket:
+        cfg = self.model.cfg
+        splits = num_splits(size, cfg.num_kv_heads, self.kv.window, self.sm_count, BLOCK_N)
+        tokens, positions, slots = (
+            self.inputs[0, :size],
+            self.inputs[1, :size],
+            self.inputs[2, :size],
+        )
+        logits = torch.empty(size, cfg.vocab_size, device=self.model.device)
+        ids = torch.empty(size, dtype=torch.long, device=self.model.device)
+
+        def body() -> None:
+            out = decode_forward(self.model, self.kv, tokens, positions, slots, splits)
+            logits.copy_(out)  # upcast to float32
+            torch.argmax(logits, dim=-1, out=ids)
+
+        if not self.graphs:
+            return _Bucket(size, body, logits, ids)
+        # Warm up (compiles the Triton kernels) on padding rows: only the scratch slot is
+        # written. Then capture.
+        self.inputs[2] = self.scratch_slot
+        self.inputs[:2] = 0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            body()
+        self._pool = graph.pool()
+        return _Bucket(size, graph.replay, logits, ids)
