@@ -266,7 +266,7 @@ class Engine:
         queue: asyncio.Queue[list[Event]] = asyncio.Queue()
 
         def deliver(events: list[Event]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, events)
+            loop.call_soon_threadsafe(queue.put_nowait, events)  # raises once loop closed
 
         turn_id = self.submit(session_id, prompt, params, deliver, raw=raw)
         done = False
@@ -392,7 +392,7 @@ class Engine:
                 for t in list(self._turns.values())
             ]
         for turn, events in ends:
-            turn.on_events(events)
+            self._deliver(turn, events)
 
     def step(self) -> None:
         """Run one engine step (the loop calls this; tests may too, without start())."""
@@ -440,7 +440,16 @@ class Engine:
                         out.append((turn, self._on_token(turn, token)))
         for turn, events in out:
             if events:
-                turn.on_events(events)
+                self._deliver(turn, events)
+
+    def _deliver(self, turn: Turn, events: list[Event]) -> None:
+        """Hand events to the turn's consumer. A consumer that fails (e.g. its event loop
+        closed) loses its turn, never the engine loop."""
+        try:
+            turn.on_events(events)
+        except Exception:
+            self.log.exception("event consumer failed; cancelling its turn", turn=turn.turn_id)
+            turn.cancelled = True
 
     def _on_token(self, turn: Turn, token: int) -> list[Event]:
         """Account a sampled token; return the turn's events for this step."""
