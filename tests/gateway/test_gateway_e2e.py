@@ -220,9 +220,9 @@ async def test_shutdown_lets_the_running_turn_finish_then_closes_the_stream(
             pass
         assert chat.last_turn is not None
         assert chat.last_turn.finish_reason != pb.FINISH_REASON_CANCELLED
-        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
-            await chat.turn("More?")
-        assert excinfo.value.code() is grpc.StatusCode.UNAVAILABLE
+        # Then the gateway ends the stream with UNAVAILABLE, telling the client to resume
+        # the session elsewhere. (A write racing that end may fail locally instead.)
+        assert await chat.code() is grpc.StatusCode.UNAVAILABLE
         await stopping
 
 
