@@ -1,12 +1,22 @@
-"""Process memory readings for benchmarks and evaluations (Linux /proc)."""
+"""Process memory readings for benchmarks and evaluations (Linux /proc, glibc)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 
 def rss_mb() -> float:
-    """Current resident set size in MiB."""
+    """Resident set size in MiB, after handing free heap pages back to the OS.
+
+    glibc keeps freed memory in its arenas, so plain RSS also counts the high-water mark of
+    short-lived buffers (a step's logits, attention scores); `malloc_trim` first makes RSS
+    follow the memory actually held, which is what "flat memory" is about.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: plain RSS
+        pass
     with open("/proc/self/statm") as f:
         resident_pages = int(f.read().split()[1])
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
