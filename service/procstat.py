@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -13,10 +14,8 @@ def rss_mb() -> float:
     short-lived buffers (a step's logits, attention scores); `malloc_trim` first makes RSS
     follow the memory actually held, which is what "flat memory" is about.
     """
-    try:
+    with contextlib.suppress(OSError):  # not glibc: plain RSS
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: plain RSS
-        pass
     with open("/proc/self/statm") as f:
         resident_pages = int(f.read().split()[1])
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
