@@ -332,7 +332,8 @@ def model_name(config: EngineConfig) -> str:
 
 
 def result_stem(target: str, config: EngineConfig) -> str:
-    return f"{target}-{machine_name(config)}-{model_name(config)}-{config.dtype}"
+    quant = "" if config.quant == "none" else f"-{config.quant}"
+    return f"{target}-{machine_name(config)}-{model_name(config)}-{config.dtype}{quant}"
 
 
 def plot(series: dict[str, dict[str, float]], path: Path, title: str) -> None:
@@ -378,6 +379,7 @@ def add_bench_parser(
     p.add_argument("--model", default=d.model)
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--quant", default=d.quant, help="weight quantization: none | int4")
     p.add_argument("--sinks", type=int, default=d.sinks)
     p.add_argument("--window", type=int, default=d.window)
     p.add_argument("--threads", type=int, default=d.threads)
@@ -393,6 +395,7 @@ def bench_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        quant=args.quant,
         sinks=args.sinks,
         window=args.window,
         threads=args.threads,
@@ -412,6 +415,7 @@ def main_bench(args: argparse.Namespace) -> int:
         "machine": f"{machine_name(config)} {platform.node()} ({platform.processor()})",
         "config": {
             "dtype": config.dtype,
+            "quant": config.quant,
             "sinks": config.sinks,
             "window": config.window,
             "threads": config.threads,
