@@ -42,7 +42,8 @@ PASSAGE = (
     "the village gather each evening to watch the boats come home with the day's catch. "
 )
 
-Driver = Callable[[int, str, int], Awaitable[list["Trace"]]]
+Prompt = str | list[int]  # raw text, or token ids
+Driver = Callable[[int, Prompt, int], Awaitable[list["Trace"]]]
 
 
 @dataclass
@@ -99,7 +100,7 @@ def engine_driver(engine: Any) -> Driver:
     """Runs turns on an in-process Engine."""
     from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
 
-    async def run(n: int, prompt: str, new_tokens: int) -> list[Trace]:
+    async def run(n: int, prompt: Prompt, new_tokens: int) -> list[Trace]:
         params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
         sids = [engine.open_session() for _ in range(n)]
         traces = [Trace(sent=0.0) for _ in range(n)]
@@ -146,7 +147,8 @@ def gateway_driver(target: str, token: str | None) -> Driver:
             await chat.end()
         return trace
 
-    async def run(n: int, prompt: str, new_tokens: int) -> list[Trace]:
+    async def run(n: int, prompt: Prompt, new_tokens: int) -> list[Trace]:
+        assert isinstance(prompt, str), "the gateway takes text"
         async with ChatClient(target, token) as client:
             go = asyncio.Event()
             tasks = [asyncio.create_task(one(client, prompt, new_tokens, go)) for _ in range(n)]
