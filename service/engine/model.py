@@ -74,7 +74,8 @@ class Llama:
             return w
 
         self.embed = get("embed")
-        self.norm = get("norm")
+        # The residual stream and the norms stay float32 whatever the weights' dtype.
+        self.norm = tensors["norm"].to(device=device, dtype=torch.float32)
         self.lm_head = weight(self.embed if cfg.tie_embeddings else get("lm_head"))
         self.layers = []
         for i in range(cfg.num_layers):
@@ -86,11 +87,11 @@ class Llama:
             )
             self.layers.append(
                 Layer(
-                    attn_norm=get(p + "attn_norm"),
+                    attn_norm=tensors[p + "attn_norm"].to(device, torch.float32),
                     wqkv=weight(torch.cat([get(p + "wq", scale), get(p + "wk"), get(p + "wv")])),
                     bqkv=bias,
                     wo=weight(get(p + "wo")),
-                    ffn_norm=get(p + "ffn_norm"),
+                    ffn_norm=tensors[p + "ffn_norm"].to(device, torch.float32),
                     w_gate_up=weight(torch.cat([get(p + "w_gate"), get(p + "w_up")])),
                     w_down=weight(get(p + "w_down")),
                 )
@@ -104,9 +105,10 @@ class Llama:
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # [2, T, 1, hd]: row 0 rotates to the absolute position, row 1 to the cache position.
         cos, sin = rope_tables(plan.positions, plan.cache_positions, self.inv_freq, self.dtype)
-        x = F.embedding(plan.tokens, self.embed)
+        dt, width = self.dtype, (cfg.hidden_size,)
+        x = F.embedding(plan.tokens, self.embed).float()
         for li, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.hidden_size,), layer.attn_norm, cfg.rms_eps)
+            h = F.rms_norm(x, width, layer.attn_norm, cfg.rms_eps).to(dt)
             qkv = linear(h, layer.wqkv, layer.bqkv)
             # q and k heads rotated together, to both angle sets, in three ops.
             qk = qkv[:, : (nh + nkv) * hd].unflatten(1, (nh + nkv, hd))
@@ -114,24 +116,27 @@ class Llama:
             rot = torch.addcmul(qk * cos, swapped, sin)  # [2, T, nH + nKV, hd]
             q_abs, k, q_sink = rot[0, :, :nh], rot[0, :, nh:], rot[1, :, :nh]
             v = qkv[:, (nh + nkv) * hd :].unflatten(1, (nkv, hd))
-            attn = torch.empty(q_abs.shape, dtype=q_abs.dtype, device=q_abs.device)
+            parts = []  # rows in plan order: the decode group, then each chunk
             if plan.decode is not None:
                 rows = slice(0, plan.decode.num_rows)
-                attn[rows] = _decode_attention(
-                    kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                parts.append(
+                    _decode_attention(
+                        kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                    )
                 )
             for chunk in plan.chunks:
                 rows = slice(chunk.row_start, chunk.row_end)
-                attn[rows] = _chunk_attention(
-                    kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                parts.append(
+                    _chunk_attention(kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows])
                 )
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             kv.write(li, plan, k, v)
-            x = x + linear(attn.view(-1, nh * hd), layer.wo)
-            h = F.rms_norm(x, (cfg.hidden_size,), layer.ffn_norm, cfg.rms_eps)
+            x = x + linear(attn.reshape(-1, nh * hd), layer.wo)
+            h = F.rms_norm(x, width, layer.ffn_norm, cfg.rms_eps).to(dt)
             gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.w_down)
         kv.commit_positions(plan)
-        out = F.rms_norm(x[plan.logit_rows], (cfg.hidden_size,), self.norm, cfg.rms_eps)
+        out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps).to(dt)
         return linear(out, self.lm_head).float()
 
 
@@ -156,16 +161,19 @@ def _decode_attention(
     nkv = k_new.shape[1]
     g = nh // nkv
     kc, vc = kv.gather(layer, plan)  # [B, nKV, L, hd]; a group's g query heads share one
-    qa = q_abs.reshape(b, nkv, g, hd)  # the g heads act as rows of one matmul per (B, nKV)
+    # float32 math: CPU bfloat16 batched matmuls of these small shapes are slower than
+    # upcasting the keys and values they read.
+    kc, vc = kc.float(), vc.float()
+    qa = q_abs.float().view(b, nkv, g, hd)  # the g heads are rows of one matmul per (B, nKV)
     scores = qa @ kc.transpose(-1, -2)  # [B, nKV, g, L]
     if kv.sinks:
-        qs = q_sink.reshape(b, nkv, g, hd)
+        qs = q_sink.float().view(b, nkv, g, hd)
         scores[..., : kv.sinks] = qs @ kc[..., : kv.sinks, :].transpose(-1, -2)
     self_score = (qa * k_new[:, :, None, :]).sum(-1, keepdim=True)
-    scores = torch.cat([scores, self_score], dim=-1).float() + plan.bias
-    p = torch.softmax(scores, dim=-1).to(q_abs.dtype)
+    scores = torch.cat([scores, self_score], dim=-1) + plan.bias
+    p = torch.softmax(scores, dim=-1)
     out = torch.addcmul(p[..., :-1] @ vc, p[..., -1:], v_new[:, :, None, :])
-    return out.reshape(b, nh, hd)
+    return out.reshape(b, nh, hd).to(q_abs.dtype)
 
 
 def _chunk_attention(
