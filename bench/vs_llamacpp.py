@@ -109,9 +109,7 @@ def main() -> None:
     finally:
         engine.shutdown()
         llama.close()
-    med = {
-        n: {k: round(statistics.median(v), 2) for k, v in r.items()} for n, r in runs.items()
-    }
+    med = {n: {k: round(statistics.median(v), 2) for k, v in r.items()} for n, r in runs.items()}
     quant = "" if config.quant == "none" else f"-{config.quant}"
     stem = (
         f"vs-llamacpp-{machine_name(config)}-{model_name(config)}-{config.dtype}{quant}"

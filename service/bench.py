@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -68,7 +69,11 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     def rank(p: float) -> float:
         return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))] * 1000
 
-    return {"p50_ms": round(rank(50), 2), "p90_ms": round(rank(90), 2), "p99_ms": round(rank(99), 2)}
+    return {
+        "p50_ms": round(rank(50), 2),
+        "p90_ms": round(rank(90), 2),
+        "p99_ms": round(rank(99), 2),
+    }
 
 
 def steady_decode_rate(traces: Sequence[Trace]) -> float:
@@ -79,9 +84,7 @@ def steady_decode_rate(traces: Sequence[Trace]) -> float:
     start = max(t.token_times[0] for t in live)
     end = min(t.token_times[-1] for t in live)
     if end <= start:  # not overlapping (one session, or too few tokens): per-session rates
-        return sum(
-            (len(t.token_times) - 1) / (t.token_times[-1] - t.token_times[0]) for t in live
-        )
+        return sum((len(t.token_times) - 1) / (t.token_times[-1] - t.token_times[0]) for t in live)
     n = sum(sum(start < x <= end for x in t.token_times) for t in live)
     return n / (end - start)
 
@@ -172,7 +175,7 @@ async def measure(driver: Driver, args: argparse.Namespace) -> dict[str, Any]:
             traces = await driver(n, prompt, args.new_tokens)
             rates.append(steady_decode_rate(traces))
             ttfts += [t.ttft for t in traces if t.token_times]
-            itls += [b - a for t in traces for a, b in zip(t.token_times, t.token_times[1:])]
+            itls += [b - a for t in traces for a, b in itertools.pairwise(t.token_times)]
             prompt_tokens = traces[0].prompt_tokens
         by_n[str(n)] = {
             "decode_tok_s": round(statistics.median(rates), 2),
@@ -249,7 +252,9 @@ async def _e2e(gateway: str | None, triton_url: str | None, args: argparse.Names
         max_streams_per_caller=most,
         health_interval_s=0.5,
     )
-    gw = Gateway(gw_config, Authenticator.from_environ(disabled=True, tokens_file="", tokens_env=""))
+    gw = Gateway(
+        gw_config, Authenticator.from_environ(disabled=True, tokens_file="", tokens_env="")
+    )
     await gw.start()
     try:
         await _wait_serving(f"127.0.0.1:{gw.port}")

@@ -32,7 +32,22 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros))
 
 
-Weight = torch.Tensor | Int4Weight
+@dataclass(frozen=True)
+class Int8Weight:
+    """A [out_features, in_features] weight as int8 rows with one scale per row."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N] (activation dtype)
+
+
+Weight = torch.Tensor | Int4Weight | Int8Weight
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+    """Symmetric per-row int8 (for the output head, whose rows GGUF keeps at 6-8 bits)."""
+    scale = (w.float().abs().amax(-1) / 127).clamp(min=1e-12).to(dtype).float()
+    codes = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return Int8Weight(codes=codes.contiguous(), scales=scale.to(dtype))
 
 
 def can_quantize(w: torch.Tensor, group: int = GROUP) -> bool:
@@ -41,11 +56,20 @@ def can_quantize(w: torch.Tensor, group: int = GROUP) -> bool:
 
 def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> Int4Weight:
     """Quantize a float [N, K] weight, groups of `group` along K; scales kept in `dtype`
-    (the activation dtype the matmul will see)."""
+    (the activation dtype the matmul will see).
+
+    A group that already lies on a 4-bit grid (a dequantized Q4_1 block: its values are
+    lo + d * integer) keeps that grid, found as the smallest gap between its values, so
+    its codes come back exactly; other groups get the min/max grid."""
     n, k = w.shape
     wg = w.float().reshape(n, k // group, group)
     lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12).to(dtype).float()
+    span = (hi - lo).clamp(min=1e-12)
+    gaps = wg.sort(-1).values.diff(dim=-1)
+    gaps = gaps.masked_fill(gaps <= span[..., None] * 1e-3, float("inf")).amin(-1)
+    steps = (span / gaps).round()
+    scale = torch.where((steps <= 15) & ((span / gaps - steps).abs() < 1e-3), gaps, span / 15)
+    scale = scale.to(dtype).float()  # the grid the kernel will use
     q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
     zero = lo + 8 * scale
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -59,5 +83,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     """x [T, K] @ w.T (+ bias), for a dense or an int4 weight."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scales_zeros)
+    if isinstance(w, Int8Weight):
+        y = torch.ops.aten._weight_int8pack_mm(x, w.codes, w.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scales_zeros)
     return y if bias is None else y + bias

@@ -48,7 +48,10 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) ->
 
 
 def rope_tables(
-    positions: torch.Tensor, cache_positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor,
+    cache_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin [2, T, 1, head_dim] for the absolute (row 0) and the cache (row 1)
     positions [T], angles in float64, such that rotating x [T, heads, head_dim] in the
