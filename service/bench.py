@@ -165,36 +165,44 @@ def gateway_driver(target: str, token: str | None) -> Driver:
 # ---- the workload ----------------------------------------------------------------------
 
 
-async def measure(driver: Driver, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(drivers: dict[str, Driver], args: argparse.Namespace) -> dict[str, Any]:
+    """Run the workload on each driver, interleaved (every repeat of every N runs on each
+    driver back to back, the order alternating), so machine noise hits all of them."""
     prompt = prompt_text(args.prompt_tokens)
-    await driver(1, prompt, 4)  # warm-up
-    by_n: dict[str, Any] = {}
+    for driver in drivers.values():
+        await driver(1, prompt, 4)  # warm-up
+    names = list(drivers)
+    raw: dict[str, dict[str, list[list[Trace]]]] = {k: {} for k in names}
     for n in args.sessions:
-        rates, ttfts, itls, prompt_tokens = [], [], [], 0
-        for _ in range(args.repeats):
-            traces = await driver(n, prompt, args.new_tokens)
-            rates.append(steady_decode_rate(traces))
-            ttfts += [t.ttft for t in traces if t.token_times]
-            itls += [b - a for t in traces for a, b in itertools.pairwise(t.token_times)]
-            prompt_tokens = traces[0].prompt_tokens
-        by_n[str(n)] = {
+        for rep in range(args.repeats):
+            for name in names if rep % 2 == 0 else names[::-1]:
+                traces = await drivers[name](n, prompt, args.new_tokens)
+                raw[name].setdefault(str(n), []).append(traces)
+    long_prompt = prompt_text(args.prefill_tokens)
+    prefill: dict[str, list[Trace]] = {k: [] for k in names}
+    for _ in range(args.repeats):
+        for name in names:
+            prefill[name] += await drivers[name](1, long_prompt, 1)
+    return {name: summarize(raw[name], prefill[name]) for name in names}
+
+
+def summarize(runs: dict[str, list[list[Trace]]], prefill: list[Trace]) -> dict[str, Any]:
+    by_n: dict[str, Any] = {}
+    for n, repeats in runs.items():
+        rates = [steady_decode_rate(traces) for traces in repeats]
+        flat = [t for traces in repeats for t in traces]
+        by_n[n] = {
             "decode_tok_s": round(statistics.median(rates), 2),
             "decode_tok_s_runs": [round(r, 2) for r in rates],
-            "prompt_tokens": prompt_tokens,
-            "ttft": percentiles(ttfts),
-            "itl": percentiles(itls),
+            "prompt_tokens": flat[0].prompt_tokens,
+            "ttft": percentiles([t.ttft for t in flat if t.token_times]),
+            "itl": percentiles([b - a for t in flat for a, b in itertools.pairwise(t.token_times)]),
         }
-    long_prompt = prompt_text(args.prefill_tokens)
-    prefill = []
-    for _ in range(args.repeats):
-        (trace,) = await driver(1, long_prompt, 1)
-        prefill.append((trace.prompt_tokens / trace.ttft, trace.prompt_tokens))
-    single = by_n.get("1", {}).get("decode_tok_s")
     return {
-        "single_session_decode_tok_s": single,
+        "single_session_decode_tok_s": by_n.get("1", {}).get("decode_tok_s"),
         "aggregate_decode_tok_s": {n: r["decode_tok_s"] for n, r in by_n.items()},
-        "prefill_tok_s": round(statistics.median(r for r, _ in prefill), 1),
-        "prefill_prompt_tokens": prefill[0][1],
+        "prefill_tok_s": round(statistics.median(t.prompt_tokens / t.ttft for t in prefill), 1),
+        "prefill_prompt_tokens": prefill[0].prompt_tokens,
         "by_sessions": by_n,
     }
 
@@ -205,7 +213,7 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
     engine = Engine.load(config)
     engine.start()
     try:
-        result = asyncio.run(measure(engine_driver(engine), args))
+        result = asyncio.run(measure({"engine": engine_driver(engine)}, args))["engine"]
     finally:
         engine.shutdown()
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -215,7 +223,7 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
 
 def run_e2e(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]:
     if args.gateway:
-        result = asyncio.run(_e2e(args.gateway, None, args))
+        result = asyncio.run(_e2e(args.gateway, None, config, args))
         result["peak_rss_mb"] = None
         result["peak_rss_of"] = "unknown (external gateway)"
         return result
@@ -227,40 +235,62 @@ def run_e2e(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]:
         write_engine_parameters(repo / "sinkserve" / "config.pbtxt", config)
         log = Path(tmp) / "triton.log"
         with TritonServer(model_repository=repo, log_path=log, ready_timeout_s=600) as triton:
-            result = asyncio.run(_e2e(None, triton.grpc_url, args))
+            result = asyncio.run(_e2e(None, triton.grpc_url, config, args))
             assert triton.process is not None
             result["peak_rss_mb"] = round(tree_peak_rss_mb(triton.process.pid), 1)
             result["peak_rss_of"] = "tritonserver + its Python stub (engine), sum of peaks"
     return result
 
 
-async def _e2e(gateway: str | None, triton_url: str | None, args: argparse.Namespace) -> Any:
-    if gateway:
-        return await measure(gateway_driver(gateway, args.token), args)
+async def _e2e(
+    gateway: str | None, triton_url: str | None, config: EngineConfig, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The gateway's figures; unless --no-engine, an in-process engine with the same
+    settings runs interleaved with it, for the ratio e2e / engine-direct."""
+    from service.engine.engine import Engine
     from service.gateway.auth import Authenticator
     from service.gateway.config import GatewayConfig
     from service.gateway.server import Gateway
 
-    assert triton_url is not None
-    most = max(args.sessions) + 8
-    gw_config = GatewayConfig(
-        port=0,
-        metrics_port=-1,
-        triton_url=triton_url,
-        auth_disabled=True,
-        max_sessions_per_caller=most,
-        max_streams_per_caller=most,
-        health_interval_s=0.5,
-    )
-    gw = Gateway(
-        gw_config, Authenticator.from_environ(disabled=True, tokens_file="", tokens_env="")
-    )
-    await gw.start()
+    engine = None if args.no_engine else Engine.load(config)
+    gw = None
+    if gateway is None:
+        assert triton_url is not None
+        most = max(args.sessions) + 8
+        gw_config = GatewayConfig(
+            port=0,
+            metrics_port=-1,
+            triton_url=triton_url,
+            auth_disabled=True,
+            max_sessions_per_caller=most,
+            max_streams_per_caller=most,
+            health_interval_s=0.5,
+        )
+        auth = Authenticator.from_environ(disabled=True, tokens_file="", tokens_env="")
+        gw = Gateway(gw_config, auth)
+        await gw.start()
+        gateway = f"127.0.0.1:{gw.port}"
     try:
-        await _wait_serving(f"127.0.0.1:{gw.port}")
-        return await measure(gateway_driver(f"127.0.0.1:{gw.port}", None), args)
+        await _wait_serving(gateway)
+        drivers = {"e2e": gateway_driver(gateway, args.token)}
+        if engine is not None:
+            engine.start()
+            drivers["engine"] = engine_driver(engine)
+        results = await measure(drivers, args)
     finally:
-        await gw.stop(1.0)
+        if gw is not None:
+            await gw.stop(1.0)
+        if engine is not None:
+            engine.shutdown()
+    result = results["e2e"]
+    if "engine" in results:
+        direct = results["engine"]
+        result["engine_direct"] = direct
+        result["e2e_vs_engine"] = {
+            n: round(rate / direct["aggregate_decode_tok_s"][n], 3)
+            for n, rate in result["aggregate_decode_tok_s"].items()
+        }
+    return result
 
 
 async def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
@@ -374,6 +404,9 @@ def add_bench_parser(
     p.add_argument("--gateway", default="", help="host:port of a running gateway (e2e)")
     p.add_argument("--token", default=None, help="bearer token for --gateway")
     p.add_argument(
+        "--no-engine", action="store_true", help="e2e: skip the interleaved engine-direct run"
+    )
+    p.add_argument(
         "--sessions",
         type=lambda s: [int(x) for x in s.split(",")],
         default=[1, 8, 32],
@@ -441,7 +474,10 @@ def main_bench(args: argparse.Namespace) -> int:
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
-        plot({args.target: out["aggregate_decode_tok_s"]}, args.out / f"{stem}.png", stem)
+        series = {args.target: out["aggregate_decode_tok_s"]}
+        if "engine_direct" in out:
+            series["engine (same run)"] = out["engine_direct"]["aggregate_decode_tok_s"]
+        plot(series, args.out / f"{stem}.png", stem)
     print(json.dumps(out))
     return 0
 
