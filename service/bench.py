@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -67,7 +68,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     s = sorted(values)
 
     def rank(p: float) -> float:
-        return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))] * 1000
+        return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))] * 1000
 
     return {
         "p50_ms": round(rank(50), 2),
