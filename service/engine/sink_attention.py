@@ -18,8 +18,8 @@ Flash-decoding in one launch, grid (rows, kv_heads, splits):
   the slot: the index it overwrites holds the key at t - W, which this very query still
   attends to, and every other split took its ticket only after its reads.
 
-With one query head per KV head (g = 1) scores and values are plain multiply-and-sum
-(no tensor-core tile padded to 16 query rows); with g > 1 they go through `tl.dot`.
+Scores and values go through `tl.dot` on tiles of 16 query rows (g real ones); with one
+query head per KV head (g = 1) `AttnConfig.dot = False` takes plain multiply-and-sum.
 
 Queries and the new key arrive unrotated in the fused qkv projection; RoPE is applied in
 the kernel from per-row float32 cos/sin tables (angles computed in float64 upstream).
@@ -44,7 +44,8 @@ class AttnConfig:
     splits: int
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
+    dot: bool = True  # tensor-core tiles also when g = 1 (else multiply-and-sum)
 
 
 @triton.jit
@@ -54,25 +55,27 @@ def _rope_halves(x1, x2, cos, sin):
 
 @triton.jit
 def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):
-    """[GP, HALF] queries against [N, HALF] keys (two halves each) -> [GP, N] float32."""
+    """[GP, HALF] queries against [N, HALF] keys (two halves each) -> [GP, N] float32.
+    Without dot, GP is 1: multiply-and-sum over the head dimension."""
     if USE_DOT:
         s = tl.dot(q1.to(k1.dtype), tl.trans(k1)) + tl.dot(q2.to(k2.dtype), tl.trans(k2))
     else:
+        q1v = tl.sum(q1, 0)  # [HALF]: drops the single query row
+        q2v = tl.sum(q2, 0)
         k1f = k1.to(tl.float32)
         k2f = k2.to(tl.float32)
-        s = tl.sum(q1[:, None, :] * k1f[None, :, :], 2) + tl.sum(
-            q2[:, None, :] * k2f[None, :, :], 2
-        )
+        s = (tl.sum(k1f * q1v[None, :], 1) + tl.sum(k2f * q2v[None, :], 1))[None, :]
     return s
 
 
 @triton.jit
 def _weighted(p, v, USE_DOT: tl.constexpr):
-    """[GP, N] weights times [N, HALF] values -> [GP, HALF] float32."""
+    """[GP, N] weights times [N, HALF] values -> [GP, HALF] float32 (GP is 1 without dot)."""
     if USE_DOT:
         o = tl.dot(p.to(v.dtype), v)
     else:
-        o = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        pv = tl.sum(p, 0)  # [N]
+        o = tl.sum(pv[:, None] * v.to(tl.float32), 0)[None, :]
     return o
 
 
@@ -299,7 +302,7 @@ def decode_attention(
     b, nh, hd = out.shape
     nkv = k_cache.shape[1]
     g = nh // nkv
-    use_dot = g > 1
+    use_dot = g > 1 or config.dot
     gp = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
     half = hd // 2
     block_n = config.block_n

@@ -46,8 +46,10 @@ def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, windo
     return out, k_new, v_new
 
 
-@pytest.mark.parametrize(("splits", "nkv"), [(1, 2), (3, 2), (3, 4)])
-def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv):
+@pytest.mark.parametrize(
+    ("splits", "nkv", "dot"), [(1, 2, True), (3, 2, True), (3, 4, True), (3, 4, False)]
+)
+def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv, dot):
     g = torch.Generator().manual_seed(0)
     nh, hd, sinks, window, num_slots = 4, 32, 3, 40, 5
     c = sinks + window
@@ -73,9 +75,10 @@ def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv)
     out = torch.full((len(slots), nh, hd), float("nan"))
     k_before = k_cache.clone()
     counters = torch.zeros(len(slots) * nkv, dtype=torch.int32)
+    config = AttnConfig(splits, block_n=16, dot=dot)
     decode_attention(
         qkv, rope, k_cache, v_cache, kpos, slots, positions, out,
-        sinks=sinks, window=window, config=AttnConfig(splits, block_n=16), counters=counters,
+        sinks=sinks, window=window, config=config, counters=counters,
     )  # fmt: skip
     assert (out - want).abs().max().item() < TOL
     assert not counters.any(), "the last split leaves the counters zeroed for the next launch"
