@@ -303,7 +303,9 @@ def end_to_end(bw: float, tunings: dict, steps: int = 100) -> dict:
                 fill_full_caches(runner, t0s, seed=3)
                 r = decode_rate(runner, t0s, steps, DEV)
                 nbytes = weights_bytes(model) + kv_bytes(runner, rows)
-                r["tuning"] = repr(make(rows, shape.kv_heads, 2044, runner.sm_count))
+                r["tuning"] = repr(
+                    make(rows, shape.kv_heads, shape.heads // shape.kv_heads, 2044, runner.sm_count)
+                )
                 r["roofline_pct"] = 100 * nbytes / (bw * 1e9) / (r["step_ms"] / 1e3)
                 r["roofline_pct_graph_replay"] = (
                     100 * nbytes / (bw * 1e9) / (r["graph_replay_ms"] / 1e3)
@@ -359,8 +361,8 @@ def main() -> None:
     t = time.perf_counter()
 
     def tune(attn=None, gemv_on=True):
-        def make(rows, kv_heads, window, sm_count):
-            base = original(rows, kv_heads, window, sm_count)
+        def make(rows, kv_heads, group, window, sm_count):
+            base = original(rows, kv_heads, group, window, sm_count)
             return cuda_runner.DecodeTuning(
                 attn if attn and rows == 1 else base.attn, gemv_on and rows == 1
             )

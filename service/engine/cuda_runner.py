@@ -46,9 +46,9 @@ class DecodeTuning:
     gemv: bool
 
 
-def decode_tuning(rows: int, kv_heads: int, window: int, sm_count: int) -> DecodeTuning:
+def decode_tuning(rows: int, kv_heads: int, group: int, window: int, sm_count: int) -> DecodeTuning:
     return DecodeTuning(
-        attention_config(rows, kv_heads, window, sm_count), TRITON_GEMV and rows == 1
+        attention_config(rows, kv_heads, group, window, sm_count), TRITON_GEMV and rows == 1
     )
 
 
@@ -219,7 +219,8 @@ class CudaGraphRunner(TorchRunner):
     def _build(self, size: int) -> _Bucket:
         cfg = self.model.cfg
         logits_dev = self.model.device
-        tuning = decode_tuning(size, cfg.num_kv_heads, self.kv.window, self.sm_count)
+        group = cfg.num_heads // cfg.num_kv_heads
+        tuning = decode_tuning(size, cfg.num_kv_heads, group, self.kv.window, self.sm_count)
         counters = torch.zeros(size * cfg.num_kv_heads, dtype=torch.int32, device=logits_dev)
         tokens, positions, slots = (
             self.inputs[0, :size],

@@ -131,6 +131,7 @@ def gemv(
     assert x.shape == (1, 2 * k_in if silu else k_in) and x.is_contiguous()
     if block_n is None:  # the tuned tile for this shape
         block_n, block_k, num_warps, num_stages = gemv_config(n_out, k_in, silu)
+    block_k = min(block_k, max(16, triton.next_power_of_2(k_in)))
     y = x.new_empty(1, n_out)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, y, n_out, k_in, weight.stride(0),
