@@ -341,6 +341,8 @@ class Engine:
                         else "slot"
                         if s.slot is not None
                         else "host"
+                        if s.host is not None
+                        else "new"  # never in a slot yet, or waiting to be rebuilt
                     ),
                     turns=s.turns,
                 )
@@ -351,7 +353,7 @@ class Engine:
                 slots_free=self._sched.slots.num_free,
                 sessions=len(sessions),
                 sessions_in_slots=sum(s.slot is not None for s in sessions),
-                sessions_swapped=sum(s.slot is None for s in sessions),
+                sessions_swapped=sum(s.host is not None for s in sessions),
                 turns_running=len(self._sched.running),
                 turns_waiting=len(self._sched.waiting),
                 prefill_tokens=self._counters["prefill"],

@@ -35,6 +35,25 @@ def _rope_halves(x1, x2, cos, sin):
 
 
 @triton.jit
+def _attend_tile(q1, q2, k_ptr, v_ptr, offs, cmask, vis, HALF: tl.constexpr, m_i, l_i, acc1, acc2):
+    """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
+    query halves are already rotated and scaled for these keys."""
+    k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
+    k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
+    s = tl.dot(q1.to(k1.dtype), tl.trans(k1)) + tl.dot(q2.to(k2.dtype), tl.trans(k2))
+    s = tl.where(vis[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
+    v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
+    acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
+    return m_new, l_i, acc1, acc2
+
+
+@triton.jit
 def _split_kernel(
     qkv_ptr,
     qkv_row_stride,
@@ -103,19 +122,9 @@ def _split_kernel(
         kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
         vis = (kp >= 0) & (kp < pos) & (kp >= pos - W)
         offs = kv_base + cols[:, None] * hd + d[None, :]
-        k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
-        k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-        s = tl.dot(qa1.to(k1.dtype), tl.trans(k1)) + tl.dot(qa2.to(k2.dtype), tl.trans(k2))
-        s = tl.where(vis[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
-        v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
-        acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
-        m_i = m_new
+        m_i, l_i, acc1, acc2 = _attend_tile(
+            qa1, qa2, k_ptr, v_ptr, offs, cmask, vis, HALF, m_i, l_i, acc1, acc2
+        )
 
     if sp == 0:
         if S > 0:
@@ -129,19 +138,9 @@ def _split_kernel(
             kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
             vis = (kp >= 0) & (kp < pos)
             offs = kv_base + cols[:, None] * hd + d[None, :]
-            k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
-            k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-            s = tl.dot(qs1.to(k1.dtype), tl.trans(k1)) + tl.dot(qs2.to(k2.dtype), tl.trans(k2))
-            s = tl.where(vis[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
-            v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
-            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
-            m_i = m_new
+            m_i, l_i, acc1, acc2 = _attend_tile(
+                qs1, qs2, k_ptr, v_ptr, offs, cmask, vis, HALF, m_i, l_i, acc1, acc2
+            )
         # The token's own key and value (always visible).
         kn_base = qkv_ptr + row * qkv_row_stride + (NUM_HEADS + h) * hd + d
         kn1, kn2 = _rope_halves(

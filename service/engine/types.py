@@ -115,7 +115,7 @@ class SessionInfo:
     position: int
     cached_tokens: int
     evicted_tokens: int
-    state: str  # "slot" | "host" | "generating" | "waiting"
+    state: str  # "generating" | "waiting" | "slot" | "host" | "new"
     turns: int
 
 

@@ -8,8 +8,6 @@ from functools import partial
 
 import pytest
 
-pytest.importorskip("triton")
-
 from service.engine.cuda_runner import CudaGraphRunner
 from tests.engine.helpers import RecordingEngine, tiny_model
 from tests.engine.test_engine_matches_oracle import (

@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
 from service.engine.fused_ops import add_rms_norm, silu_mul
 from service.engine.rope import cos_sin, inv_frequencies, rotate
 from service.engine.sink_attention import decode_attention

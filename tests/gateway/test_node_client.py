@@ -7,14 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from tests.gateway.conftest import REPO_ROOT, GatewayFactory
 from tests.gateway.test_gateway_e2e import served
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None, reason="needs node and npm"
-)
 
 
 async def run(*cmd: str, cwd: Path, timeout: float) -> tuple[int, str]:
