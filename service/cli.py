@@ -1,4 +1,4 @@
-"""`sinkserve` command line: serve, chat, triton, gateway, eval-ppl."""
+"""`sinkserve` command line: serve, chat, triton, gateway, eval-ppl, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from service.bench import add_bench_parser
 from service.chat import add_chat_parser
 from service.config import EngineConfig
 from service.gateway.cli import add_gateway_parser
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_triton_parser(sub)
     add_gateway_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -27,6 +27,7 @@ from service.config import EngineConfig
 from service.engine.fused_ops import add_rms_norm, silu_mul
 from service.engine.kv_cache import KVCache
 from service.engine.model import Llama
+from service.engine.quant import linear
 from service.engine.rope import cos_sin
 from service.engine.runner import TorchRunner
 from service.engine.sampler import SampleRow, sample
@@ -57,7 +58,7 @@ def decode_forward(
     delta = None
     for li, layer in enumerate(model.layers):
         h = add_rms_norm(x, delta, layer.attn_norm, cfg.rms_eps)
-        qkv = F.linear(h, layer.wqkv, layer.bqkv)
+        qkv = linear(h, layer.wqkv, layer.bqkv)
         attn = torch.empty(b, nh, hd, dtype=x.dtype, device=x.device)
         decode_attention(
             qkv,
@@ -71,15 +72,16 @@ def decode_forward(
             sinks=kv.sinks,
             window=kv.window,
             splits=splits,
+            sm_scale=1.0,  # Llama folds hd^-0.5 into the q rows of wqkv
             block_n=BLOCK_N,
         )
-        delta = F.linear(attn.view(b, nh * hd), layer.wo)
+        delta = linear(attn.view(b, nh * hd), layer.wo)
         h = add_rms_norm(x, delta, layer.ffn_norm, cfg.rms_eps)
-        delta = F.linear(silu_mul(F.linear(h, layer.w_gate_up)), layer.w_down)
+        delta = linear(silu_mul(linear(h, layer.w_gate_up)), layer.w_down)
     h = add_rms_norm(x, delta, model.norm, cfg.rms_eps)
     # Positions are committed once every layer has read the old ones.
     kv.kpos[slots, kv.cache_index(positions)] = positions
-    return F.linear(h, model.lm_head)
+    return linear(h, model.lm_head)
 
 
 @dataclass

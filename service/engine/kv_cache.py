@@ -23,8 +23,10 @@ class DecodePlan:
     num_rows: int
     slots: torch.Tensor  # [B]
     slot_range: tuple[int, int] | None  # set when slots are consecutive: gather is a view
-    mask: torch.Tensor  # [B, C + 1]: cache keys, then the token's own key
+    length: int  # cache entries [0, length) hold every key of the group's sessions
+    bias: torch.Tensor  # [B, 1, 1, length + 1] float32 0 / -inf: cache keys, then its own
     write_index: torch.Tensor  # [B]
+    flat_index: torch.Tensor  # [B * kv_heads]: rows of k[layer].view(-1, head_dim) written
 
 
 @dataclass
@@ -67,6 +69,7 @@ class KVCache:
     ) -> None:
         self.sinks, self.window = sinks, window
         self.device = device
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         shape = (num_slots, num_kv_heads, sinks + window, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -108,16 +111,25 @@ class KVCache:
             slots = torch.tensor(slots_list, dtype=torch.long).to(dev)
             b = len(singles)
             q = positions[:b, None]
+            # A session at position p holds keys at cache entries [0, min(p, S + W)).
+            length = max(1, min(limit, max(it.start for it in singles)))
             own = torch.ones(b, 1, dtype=torch.bool, device=dev)
-            mask = torch.cat([self.visible(self.kpos[slots], q), own], dim=1)
+            mask = torch.cat([self.visible(self.kpos[slots, :length], q), own], dim=1)
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
+            bias.masked_fill_(~mask, float("-inf"))
             first = slots_list[0]
             consecutive = slots_list == list(range(first, first + b))
+            write_index = self.cache_index(positions[:b])
+            heads = torch.arange(self.num_kv_heads, device=dev)
+            flat = (slots[:, None] * self.num_kv_heads + heads) * limit + write_index[:, None]
             decode = DecodePlan(
                 num_rows=b,
                 slots=slots,
                 slot_range=(first, first + b) if consecutive else None,
-                mask=mask,
-                write_index=self.cache_index(positions[:b]),
+                length=length,
+                bias=bias[:, None, None, :],
+                write_index=write_index,
+                flat_index=flat.flatten(),
             )
         chunk_plans = []
         row = len(singles)
@@ -162,18 +174,20 @@ class KVCache:
         )
 
     def gather(self, layer: int, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [B, kv_heads, C, hd] of the decode group's slots (a view when consecutive)."""
+        """K and V [B, kv_heads, length, hd] of the decode group's slots (a view when the
+        slots are consecutive)."""
+        n = plan.length
         if plan.slot_range is not None:
             a, b = plan.slot_range
-            return self.k[layer][a:b], self.v[layer][a:b]
-        return self.k[layer][plan.slots], self.v[layer][plan.slots]
+            return self.k[layer][a:b, :, :n], self.v[layer][a:b, :, :n]
+        return self.k[layer][plan.slots, :, :n], self.v[layer][plan.slots, :, :n]
 
     def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's rotated keys and values (after the layer's attention read)."""
         if plan.decode is not None:
-            d = plan.decode
-            self.k[layer][d.slots, :, d.write_index] = k[: d.num_rows]
-            self.v[layer][d.slots, :, d.write_index] = v[: d.num_rows]
+            d, hd = plan.decode, self.head_dim
+            self.k[layer].view(-1, hd).index_copy_(0, d.flat_index, k[: d.num_rows].reshape(-1, hd))
+            self.v[layer].view(-1, hd).index_copy_(0, d.flat_index, v[: d.num_rows].reshape(-1, hd))
         for c in plan.chunks:
             rows = c.write_rows + c.row_start
             self.k[layer][c.slot][:, c.write_index] = k[rows].transpose(0, 1)

@@ -23,7 +23,13 @@ def load_model(config: EngineConfig) -> tuple[Llama, Tokenizer]:
         torch.set_num_threads(config.threads)
     path = model_path(config)
     model_config, tensors = load_checkpoint(path)
-    model = Llama(model_config, tensors, torch_dtype(config.dtype), torch.device(config.device))
+    model = Llama(
+        model_config,
+        tensors,
+        torch_dtype(config.dtype),
+        torch.device(config.device),
+        quant=config.quant,
+    )
     return model, Tokenizer.load(path)
 
 

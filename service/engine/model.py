@@ -21,24 +21,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from service.config import QUANTS
 from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
-from service.engine.rope import cos_sin, inv_frequencies, rotate
+from service.engine.quant import Weight, can_quantize, linear, quantize_int4, quantize_int8
+from service.engine.rope import inv_frequencies, rope_tables
 from service.engine.weights import ModelConfig
 
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    wqkv: torch.Tensor  # [(nH + 2 nKV) * hd, H]: q, k, v fused into one matmul
+    wqkv: Weight  # [(nH + 2 nKV) * hd, H]: q (pre-scaled by hd^-0.5), k, v in one matmul
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
+    wo: Weight
     ffn_norm: torch.Tensor
-    w_gate_up: torch.Tensor  # [2 I, H]: gate and up fused
-    w_down: torch.Tensor
+    w_gate_up: Weight  # [2 I, H]: gate and up fused
+    w_down: Weight
 
 
 class Llama:
-    """Weights (fused for few kernel launches) plus the step forward pass."""
+    """Weights (fused for few kernel launches) plus the step forward pass.
+
+    The attention scale hd^-0.5 is folded into the q rows of `wqkv` (and its bias), so no
+    layer multiplies scores by it. `quant="int4"` stores the layers' projection weights as
+    group-wise int4 (see `quant.py`); the embedding and the output head stay dense.
+    """
 
     def __init__(
         self,
@@ -46,32 +53,49 @@ class Llama:
         tensors: dict[str, torch.Tensor],
         dtype: torch.dtype,
         device: torch.device,
+        quant: str = "none",
     ) -> None:
+        if quant not in QUANTS:
+            raise ValueError(f"quant={quant!r}: must be one of {', '.join(QUANTS)}")
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
+        self.quant = quant
+        scale = cfg.head_dim**-0.5
 
-        def get(name: str) -> torch.Tensor:
-            return tensors[name].to(device=device, dtype=dtype)
+        def get(name: str, mul: float = 1.0) -> torch.Tensor:
+            t = tensors[name].to(device=device, dtype=torch.float32)
+            return (t * mul if mul != 1.0 else t).to(dtype)
+
+        def weight(w: torch.Tensor) -> Weight:
+            if quant == "int4" and can_quantize(w):
+                return quantize_int4(w, dtype)
+            return w
 
         self.embed = get("embed")
-        self.norm = get("norm")
-        self.lm_head = self.embed if cfg.tie_embeddings else get("lm_head")
+        # The residual stream and the norms stay float32 whatever the weights' dtype.
+        self.norm = tensors["norm"].to(device=device, dtype=torch.float32)
+        # GGUF files keep the output head (or the tied embedding) at 6-8 bits: int4 there
+        # costs several percent of perplexity, per-row int8 almost nothing.
+        head = self.embed if cfg.tie_embeddings else get("lm_head")
+        self.lm_head = quantize_int8(head, dtype) if quant == "int4" else head
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
             bias = (
-                torch.cat([get(p + "bq"), get(p + "bk"), get(p + "bv")]) if cfg.qkv_bias else None
+                torch.cat([get(p + "bq", scale), get(p + "bk"), get(p + "bv")])
+                if cfg.qkv_bias
+                else None
             )
             self.layers.append(
                 Layer(
-                    attn_norm=get(p + "attn_norm"),
-                    wqkv=torch.cat([get(p + "wq"), get(p + "wk"), get(p + "wv")]),
+                    attn_norm=tensors[p + "attn_norm"].to(device, torch.float32),
+                    wqkv=weight(torch.cat([get(p + "wq", scale), get(p + "wk"), get(p + "wv")])),
                     bqkv=bias,
-                    wo=get(p + "wo"),
-                    ffn_norm=get(p + "ffn_norm"),
-                    w_gate_up=torch.cat([get(p + "w_gate"), get(p + "w_up")]),
-                    w_down=get(p + "w_down"),
+                    wo=weight(get(p + "wo")),
+                    ffn_norm=tensors[p + "ffn_norm"].to(device, torch.float32),
+                    w_gate_up=weight(torch.cat([get(p + "w_gate"), get(p + "w_up")])),
+                    w_down=weight(get(p + "w_down")),
                 )
             )
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
@@ -81,43 +105,41 @@ class Llama:
         `plan.logit_rows` ([n, vocab])."""
         cfg = self.cfg
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        cos_p, sin_p = cos_sin(plan.positions, self.inv_freq, self.dtype)
-        cos_c, sin_c = cos_sin(plan.cache_positions, self.inv_freq, self.dtype)
-        x = F.embedding(plan.tokens, self.embed)
+        # [2, T, 1, hd]: row 0 rotates to the absolute position, row 1 to the cache position.
+        cos, sin = rope_tables(plan.positions, plan.cache_positions, self.inv_freq, self.dtype)
+        dt, width = self.dtype, (cfg.hidden_size,)
+        x = F.embedding(plan.tokens, self.embed).float()
         for li, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
-            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = q.view(-1, nh, hd)
-            k = rotate(k.view(-1, nkv, hd), cos_p, sin_p)
-            v = v.view(-1, nkv, hd)
-            q_abs = rotate(q, cos_p, sin_p)
-            q_sink = rotate(q, cos_c, sin_c)
-            attn = torch.empty_like(q_abs)
+            h = F.rms_norm(x, width, layer.attn_norm, cfg.rms_eps).to(dt)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
+            # q and k heads rotated together, to both angle sets, in three ops.
+            qk = qkv[:, : (nh + nkv) * hd].unflatten(1, (nh + nkv, hd))
+            swapped = qk.unflatten(2, (2, hd // 2)).flip(2).flatten(2)
+            rot = torch.addcmul(qk * cos, swapped, sin)  # [2, T, nH + nKV, hd]
+            q_abs, k, q_sink = rot[0, :, :nh], rot[0, :, nh:], rot[1, :, :nh]
+            v = qkv[:, (nh + nkv) * hd :].unflatten(1, (nkv, hd))
+            parts = []  # rows in plan order: the decode group, then each chunk
             if plan.decode is not None:
                 rows = slice(0, plan.decode.num_rows)
-                attn[rows] = _decode_attention(
-                    kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                parts.append(
+                    _decode_attention(
+                        kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                    )
                 )
             for chunk in plan.chunks:
                 rows = slice(chunk.row_start, chunk.row_end)
-                attn[rows] = _chunk_attention(
-                    kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows]
+                parts.append(
+                    _chunk_attention(kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows])
                 )
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             kv.write(li, plan, k, v)
-            x = x + F.linear(attn.view(-1, nh * hd), layer.wo)
-            h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            x = x + linear(attn.reshape(-1, nh * hd), layer.wo)
+            h = F.rms_norm(x, width, layer.ffn_norm, cfg.rms_eps).to(dt)
+            gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.w_down)
         kv.commit_positions(plan)
-        out = rms_norm(x[plan.logit_rows], self.norm, cfg.rms_eps)
-        return F.linear(out, self.lm_head).float()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf.to(x.dtype) * weight
+        out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps).to(dt)
+        return linear(out, self.lm_head).float()
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -134,21 +156,26 @@ def _decode_attention(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
 ) -> torch.Tensor:
-    """One query per session: keys = the session's cache (sinks + ring) + its own key."""
+    """One query per session: keys = the session's cache (sinks + ring) + its own key.
+    Only the first `plan.length` cache entries are read: no session of the group has
+    more keys than that (short sessions do not pay for the whole window)."""
     b, nh, hd = q_abs.shape
     nkv = k_new.shape[1]
     g = nh // nkv
-    kc, vc = kv.gather(layer, plan)  # [B, nKV, C, hd]; a group's g query heads share one
-    qa = q_abs.view(b, nkv, g, hd)  # the g heads act as rows of one matmul per (B, nKV)
-    scores = qa @ kc.transpose(-1, -2)  # [B, nKV, g, C]
+    kc, vc = kv.gather(layer, plan)  # [B, nKV, L, hd]; a group's g query heads share one
+    # float32 math: CPU bfloat16 batched matmuls of these small shapes are slower than
+    # upcasting the keys and values they read.
+    kc, vc = kc.float(), vc.float()
+    qa = q_abs.float().view(b, nkv, g, hd)  # the g heads are rows of one matmul per (B, nKV)
+    scores = qa @ kc.transpose(-1, -2)  # [B, nKV, g, L]
     if kv.sinks:
-        qs = q_sink.view(b, nkv, g, hd)
+        qs = q_sink.float().view(b, nkv, g, hd)
         scores[..., : kv.sinks] = qs @ kc[..., : kv.sinks, :].transpose(-1, -2)
     self_score = (qa * k_new[:, :, None, :]).sum(-1, keepdim=True)
-    scores = torch.cat([scores, self_score], dim=-1) * hd**-0.5
-    p = _softmax(scores, plan.mask[:, None, None, :], q_abs.dtype)
-    out = p[..., :-1] @ vc + p[..., -1:] * v_new[:, :, None, :]
-    return out.reshape(b, nh, hd)
+    scores = torch.cat([scores, self_score], dim=-1) + plan.bias
+    p = torch.softmax(scores, dim=-1)
+    out = torch.addcmul(p[..., :-1] @ vc, p[..., -1:], v_new[:, :, None, :])
+    return out.reshape(b, nh, hd).to(q_abs.dtype)
 
 
 def _chunk_attention(
@@ -167,8 +194,8 @@ def _chunk_attention(
     kc, vc = kv.k[layer][plan.slot], kv.v[layer][plan.slot]  # [nKV, C, hd]
     keys = torch.cat([kc, k_new.transpose(0, 1)], dim=1)[:, None]  # [nKV, 1, C + L, hd]
     vals = torch.cat([vc, v_new.transpose(0, 1)], dim=1)[:, None]
-    qa = q_abs.view(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
-    qs = q_sink.view(n, nkv, g, hd).permute(1, 2, 0, 3)
+    qa = q_abs.reshape(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
+    qs = q_sink.reshape(n, nkv, g, hd).permute(1, 2, 0, 3)
     scores = qa @ keys.transpose(-1, -2)  # [nKV, g, L, C + L]
     if kv.sinks:
         scores[..., : kv.sinks] = qs @ kc[:, None, : kv.sinks].transpose(-1, -2)
@@ -178,6 +205,6 @@ def _chunk_attention(
         c = kc.shape[1]
         sink_scores = qs @ keys[..., c:, :].transpose(-1, -2)
         scores[..., c:] = torch.where(plan.new_sink_cols, sink_scores, scores[..., c:])
-    p = _softmax(scores * hd**-0.5, plan.mask, q_abs.dtype)
+    p = _softmax(scores, plan.mask, q_abs.dtype)
     out = p @ vals  # [nKV, g, L, hd]
     return out.permute(2, 0, 1, 3).reshape(n, nh, hd)

@@ -55,9 +55,19 @@ def cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] (rotate-half layout) by per-row cos/sin [T, head_dim/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+def rope_tables(
+    positions: torch.Tensor,
+    cache_positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [2, T, 1, head_dim] for the absolute (row 0) and the cache (row 1)
+    positions [T], angles in float64, such that rotating x [T, heads, head_dim] in the
+    rotate-half layout to both is `x * cos + swap_halves(x) * sin` ([2, T, heads, hd])."""
+    pos = torch.stack([positions, cache_positions]).to(torch.float64)
+    angles = pos[..., None] * inv_freq  # [2, T, hd / 2]
+    cos, sin = angles.cos(), angles.sin()
+    return (
+        torch.cat([cos, cos], dim=-1)[:, :, None, :].to(dtype),
+        torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype),
+    )

@@ -260,6 +260,7 @@ def decode_attention(
     sinks: int,
     window: int,
     splits: int,
+    sm_scale: float,
     block_n: int = 64,
 ) -> None:
     """Attention of one decode token per row, then store its K/V at its ring index.
@@ -267,7 +268,8 @@ def decode_attention(
     qkv [B, (nH + 2 nKV) * hd] (unrotated projections); rope = (cos_p, sin_p, cos_c, sin_c)
     float32 [B, hd / 2] at the absolute and the cache position; k_cache/v_cache
     [slots, nKV, S + W, hd]; kpos [slots, S + W] int64; slots, positions [B] int64;
-    out [B, nH, hd] is written. `kpos` is not updated here (the caller commits positions
+    out [B, nH, hd] is written. Scores are q.k * sm_scale (1.0 where the model already
+    folded hd^-0.5 into its q projection). `kpos` is not updated here (the caller commits positions
     once every layer has run).
     """
     b, nh, hd = out.shape
@@ -297,7 +299,7 @@ def decode_attention(
         positions,
         acc,
         ml,
-        hd**-0.5 * LOG2E,
+        sm_scale * LOG2E,
         SP=max(16, triton.next_power_of_2(sinks)),
         SPLIT_LEN=split_len,
         BLOCK_N=block_n,

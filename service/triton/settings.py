@@ -30,7 +30,7 @@ def kv_fingerprint(config: EngineConfig) -> str:
     model = Path(config.model) if config.model else default_model_path()
     stat = model.stat() if model.exists() else None
     weights = f"{model.resolve()}:{stat.st_size}:{stat.st_mtime_ns}" if stat else str(model)
-    return f"{weights}|{config.runner}|{config.dtype}|{config.sinks}|{config.window}"
+    return f"{weights}|{config.runner}|{config.dtype}|{config.quant}|{config.sinks}|{config.window}"
 
 
 def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSettings:

@@ -9,10 +9,17 @@ import pytest
 import torch
 
 from service.engine.fused_ops import add_rms_norm, silu_mul
-from service.engine.rope import cos_sin, inv_frequencies, rotate
+from service.engine.rope import cos_sin, inv_frequencies
 from service.engine.sink_attention import decode_attention
 
 TOL = 1e-4
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [T, heads, hd] by per-row cos/sin [T, hd / 2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, window, inv_freq):
@@ -72,7 +79,7 @@ def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits):
     k_before = k_cache.clone()
     decode_attention(
         qkv, rope, k_cache, v_cache, kpos, slots, positions, out,
-        sinks=sinks, window=window, splits=splits, block_n=16,
+        sinks=sinks, window=window, splits=splits, sm_scale=hd**-0.5, block_n=16,
     )  # fmt: skip
     assert (out - want).abs().max().item() < TOL
     index = torch.where(positions < sinks, positions, sinks + (positions - sinks) % window)

@@ -1,0 +1,90 @@
+"""Weight-only int4 linear layers for the CPU (`EngineConfig.quant = "int4"`).
+
+Each output row is cut into groups of `group` input columns, stored as 4-bit codes q with
+a per-group scale and zero point: w = (q - 8) * scale + zero (asymmetric min/max). A GGUF
+Q4_1 block (32 weights, w = d * q + m) has exactly this form, so Q4_1 checkpoints lose
+(almost) nothing beyond the bfloat16 rounding of the scales. The matmul is
+`aten._weight_int4pack_mm_for_cpu`, which reads 4 bits a weight instead of 16 or 32: at
+small batch sizes, where a decode step is bound by reading weights, that is what pays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32
+INNER_K_TILES = 2
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A packed [out_features, in_features] weight."""
+
+    packed: torch.Tensor  # uint8, opaque layout of _convert_weight_to_int4pack_for_cpu
+    scales_zeros: torch.Tensor  # [in / group, out, 2]: scale, zero (activation dtype)
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros))
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A [out_features, in_features] weight as int8 rows with one scale per row."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N] (activation dtype)
+
+
+Weight = torch.Tensor | Int4Weight | Int8Weight
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
+    """Symmetric per-row int8 (for the output head, whose rows GGUF keeps at 6-8 bits)."""
+    scale = (w.float().abs().amax(-1) / 127).clamp(min=1e-12).to(dtype).float()
+    codes = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return Int8Weight(codes=codes.contiguous(), scales=scale.to(dtype))
+
+
+def can_quantize(w: torch.Tensor, group: int = GROUP) -> bool:
+    return w.dim() == 2 and w.shape[1] % group == 0 and w.shape[0] % 8 == 0
+
+
+def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> Int4Weight:
+    """Quantize a float [N, K] weight, groups of `group` along K; scales kept in `dtype`
+    (the activation dtype the matmul will see).
+
+    A group that already lies on a 4-bit grid (a dequantized Q4_1 block: its values are
+    lo + d * integer) keeps that grid, found as the smallest gap between its values, so
+    its codes come back exactly; other groups get the min/max grid."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    span = (hi - lo).clamp(min=1e-12)
+    gaps = wg.sort(-1).values.diff(dim=-1)
+    gaps = gaps.masked_fill(gaps <= span[..., None] * 1e-3, float("inf")).amin(-1)
+    steps = (span / gaps).round()
+    scale = torch.where((steps <= 15) & ((span / gaps - steps).abs() < 1e-3), gaps, span / 15)
+    scale = scale.to(dtype).float()  # the grid the kernel will use
+    q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+    zero = lo + 8 * scale
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        q.to(torch.int32).reshape(n, k).contiguous(), INNER_K_TILES
+    )
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+    return Int4Weight(packed=packed, scales_zeros=sz, group=group)
+
+
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w.T (+ bias), for a dense or an int4 weight."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    if isinstance(w, Int8Weight):
+        y = torch.ops.aten._weight_int8pack_mm(x, w.codes, w.scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scales_zeros)
+    return y if bias is None else y + bias

@@ -1,0 +1,33 @@
+"""The benchmark's arithmetic: percentiles, and the aggregate decode rate counting only
+tokens that arrive while every session is decoding."""
+
+from __future__ import annotations
+
+import argparse
+
+from service.bench import Trace, add_bench_parser, percentiles, steady_decode_rate
+
+
+def test_percentiles_are_nearest_rank_in_milliseconds():
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    assert percentiles(values) == {"p50_ms": 50.0, "p90_ms": 90.0, "p99_ms": 99.0}
+    assert percentiles([]) == {}
+
+
+def test_steady_rate_counts_only_the_window_where_all_sessions_decode():
+    # Session a decodes at 10 tok/s from t=0; b starts at t=1 at 10 tok/s; both end at t=3.
+    a = Trace(sent=0.0, token_times=[i / 10 for i in range(0, 31)])
+    b = Trace(sent=0.0, token_times=[1 + i / 10 for i in range(0, 21)])
+    assert abs(steady_decode_rate([a, b]) - 20.0) < 1e-6
+
+
+def test_one_session_rate_is_its_inter_token_rate():
+    a = Trace(sent=0.0, token_times=[0.5 + i * 0.02 for i in range(11)])
+    assert abs(steady_decode_rate([a]) - 50.0) < 1e-6
+
+
+def test_bench_flags_parse_a_list_of_session_counts():
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--sessions", "1,4,16", "--quant", "int4"])
+    assert args.sessions == [1, 4, 16] and args.quant == "int4" and args.target == "engine"
