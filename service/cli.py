@@ -33,6 +33,7 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from service.engine.loader import load_model
@@ -42,6 +43,8 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     text = read_text(args.text)
     sinks, window = cache_shape(args.mode, args.sinks, args.window, args.tokens)
     config = engine_config(args, sinks=sinks, window=window, max_sessions=1)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     model, tokenizer = load_model(config)
     tokens = tokenizer.encode(text)[: args.tokens + 1]
     if len(tokens) < args.tokens + 1:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import torch
@@ -110,9 +110,18 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
-        """Load the checkpoint named by `config.model` (default: SmolLM2-135M-Instruct)."""
+        """Load the checkpoint named by `config.model` (default: SmolLM2-135M-Instruct).
+
+        Loads on one intra-op thread and leaves the calling thread there; the step thread
+        takes `config.threads` (torch's default when 0) for itself. Every thread that runs
+        a parallel torch op keeps its own OpenMP team, and once a process holds more
+        OpenMP threads than CPUs, libgomp stops spin-waiting between parallel regions, so
+        each of a step's thousands of regions pays a futex wake-up: with a 2-thread team
+        left behind by loading, a SmolLM2 decode step on 2 cores took 37 ms, not 15."""
         from service.engine.loader import build_runner
 
+        config = replace(config, threads=config.threads or torch.get_num_threads())
+        torch.set_num_threads(1)
         runner, tokenizer = build_runner(config)
         return cls(config, runner, tokenizer)
 
@@ -374,6 +383,8 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------
 
     def _loop(self) -> None:
+        if self.config.threads:  # this thread's own OpenMP team (see `load`)
+            torch.set_num_threads(self.config.threads)
         while True:
             with self._lock:
                 while not self._stopping and not self._turns:

@@ -184,6 +184,7 @@ class KVCache:
 
     def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's rotated keys and values (after the layer's attention read)."""
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)  # the cache's dtype
         if plan.decode is not None:
             d, hd = plan.decode, self.head_dim
             self.k[layer].view(-1, hd).index_copy_(0, d.flat_index, k[: d.num_rows].reshape(-1, hd))

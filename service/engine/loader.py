@@ -18,9 +18,8 @@ def model_path(config: EngineConfig) -> Path:
 
 
 def load_model(config: EngineConfig) -> tuple[Llama, Tokenizer]:
-    """Weights (dequantized, with a progress bar) and tokenizer of the configured model."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    """Weights (dequantized, with a progress bar) and tokenizer of the configured model.
+    Runs on the calling thread's intra-op threads (see `Engine.load`)."""
     path = model_path(config)
     model_config, tensors = load_checkpoint(path)
     model = Llama(

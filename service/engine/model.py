@@ -27,6 +27,8 @@ from service.engine.quant import Weight, can_quantize, linear, quantize_int4, qu
 from service.engine.rope import inv_frequencies, rope_tables
 from service.engine.weights import ModelConfig
 
+HEAD_INT8_ROWS = 16  # see Llama.lm_head
+
 
 @dataclass
 class Layer:
@@ -61,6 +63,11 @@ class Llama:
         self.dtype = dtype
         self.device = device
         self.quant = quant
+        # The KV cache's dtype. On CPU always float32: decode attention runs in float32
+        # (CPU bfloat16 batched matmuls of these small shapes are slow), and upcasting a
+        # bfloat16 cache on every read cost 40% of a 32-session step; it doubles a
+        # bfloat16 model's slot size (SmolLM2 4+1020: 24 -> 47 MB).
+        self.kv_dtype = torch.float32 if device.type == "cpu" else dtype
         scale = cfg.head_dim**-0.5
 
         def get(name: str, mul: float = 1.0) -> torch.Tensor:
@@ -75,10 +82,14 @@ class Llama:
         self.embed = get("embed")
         # The residual stream and the norms stay float32 whatever the weights' dtype.
         self.norm = tensors["norm"].to(device=device, dtype=torch.float32)
-        # GGUF files keep the output head (or the tied embedding) at 6-8 bits: int4 there
-        # costs several percent of perplexity, per-row int8 almost nothing.
+        # The output head on CPU: float32 (sgemm beats bfloat16 plus the logits' upcast at
+        # every batch size). With int4 also a per-row int8 copy for steps of fewer than
+        # HEAD_INT8_ROWS logit rows, where reading a quarter of the bytes pays (2 cores:
+        # 1.2 vs 2.7 ms at 1 row, even at 16, 17 vs 11 ms at 32). GGUF files keep the head
+        # at 6-8 bits: int4 there costs several percent of perplexity, int8 almost nothing.
         head = self.embed if cfg.tie_embeddings else get("lm_head")
-        self.lm_head = quantize_int8(head, dtype) if quant == "int4" else head
+        self.lm_head = head.float() if device.type == "cpu" else head
+        self.lm_head_int8 = quantize_int8(head, dtype) if quant == "int4" else None
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
@@ -138,8 +149,10 @@ class Llama:
             gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.w_down)
         kv.commit_positions(plan)
-        out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps).to(dt)
-        return linear(out, self.lm_head).float()
+        out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps)
+        if self.lm_head_int8 is not None and out.shape[0] < HEAD_INT8_ROWS:
+            return linear(out.to(dt), self.lm_head_int8).float()
+        return linear(out.to(self.lm_head.dtype), self.lm_head).float()
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -163,8 +176,7 @@ def _decode_attention(
     nkv = k_new.shape[1]
     g = nh // nkv
     kc, vc = kv.gather(layer, plan)  # [B, nKV, L, hd]; a group's g query heads share one
-    # float32 math: CPU bfloat16 batched matmuls of these small shapes are slower than
-    # upcasting the keys and values they read.
+    # float32 math (the CPU cache is float32 already, see `Llama.kv_dtype`).
     kc, vc = kc.float(), vc.float()
     qa = q_abs.float().view(b, nkv, g, hd)  # the g heads are rows of one matmul per (B, nKV)
     scores = qa @ kc.transpose(-1, -2)  # [B, nKV, g, L]
@@ -192,10 +204,11 @@ def _chunk_attention(
     nkv = k_new.shape[1]
     g = nh // nkv
     kc, vc = kv.k[layer][plan.slot], kv.v[layer][plan.slot]  # [nKV, C, hd]
-    keys = torch.cat([kc, k_new.transpose(0, 1)], dim=1)[:, None]  # [nKV, 1, C + L, hd]
-    vals = torch.cat([vc, v_new.transpose(0, 1)], dim=1)[:, None]
-    qa = q_abs.reshape(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
-    qs = q_sink.reshape(n, nkv, g, hd).permute(1, 2, 0, 3)
+    dt = kc.dtype  # the math runs in the cache's dtype
+    keys = torch.cat([kc, k_new.to(dt).transpose(0, 1)], dim=1)[:, None]  # [nKV, 1, C + L, hd]
+    vals = torch.cat([vc, v_new.to(dt).transpose(0, 1)], dim=1)[:, None]
+    qa = q_abs.to(dt).reshape(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
+    qs = q_sink.to(dt).reshape(n, nkv, g, hd).permute(1, 2, 0, 3)
     scores = qa @ keys.transpose(-1, -2)  # [nKV, g, L, C + L]
     if kv.sinks:
         scores[..., : kv.sinks] = qs @ kc[:, None, : kv.sinks].transpose(-1, -2)
@@ -205,6 +218,6 @@ def _chunk_attention(
         c = kc.shape[1]
         sink_scores = qs @ keys[..., c:, :].transpose(-1, -2)
         scores[..., c:] = torch.where(plan.new_sink_cols, sink_scores, scores[..., c:])
-    p = _softmax(scores, plan.mask, q_abs.dtype)
+    p = _softmax(scores, plan.mask, dt)
     out = p @ vals  # [nKV, g, L, hd]
-    return out.permute(2, 0, 1, 3).reshape(n, nh, hd)
+    return out.permute(2, 0, 1, 3).reshape(n, nh, hd).to(q_abs.dtype)

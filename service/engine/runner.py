@@ -57,7 +57,7 @@ class TorchRunner:
             head_dim=cfg.head_dim,
             sinks=config.sinks,
             window=config.window,
-            dtype=model.dtype,
+            dtype=model.kv_dtype,
             device=model.device,
         )
         self.bytes_per_slot = self.kv.bytes_per_slot
