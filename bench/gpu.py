@@ -320,7 +320,8 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     """Our CUDA runner and the HF StreamingLLM reference, same weights and cache contents
     (the reference's pre-RoPE keys, rotated at their absolute positions for ours)."""
     from bench.streaming_reference import HFStreamingReference
-    from service.engine.rope import cos_sin, rotate
+    from service.engine.rope import cos_sin
+    from tests.engine.test_triton_kernels import rotate
 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hf = hf_llama(shape, dtype, dev)

@@ -10,8 +10,9 @@ rows go through the regular sampler on the graph's logits). Multi-token items (p
 chunks) take the eager PyTorch path of `Llama.forward`.
 
 Decode attention reads the cache in place by slot index (`sink_attention`); the
-residual/norm and SiLU steps are fused Triton kernels (`fused_ops`). With graphs off (a
-CPU device under TRITON_INTERPRET=1, for tests) the same body runs eagerly.
+residual/norm and SiLU steps are fused Triton kernels (`fused_ops`), as is the GEMV that
+batch-1 steps run their layer projections through. With graphs off (a CPU device under
+TRITON_INTERPRET=1, for tests) the same body runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,17 +25,35 @@ import torch
 import torch.nn.functional as F
 
 from service.config import EngineConfig
-from service.engine.fused_ops import add_rms_norm, silu_mul
+from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
 from service.engine.kv_cache import KVCache
 from service.engine.model import Llama
-from service.engine.quant import linear
+from service.engine.quant import Weight
+from service.engine.quant import linear as dense_linear
 from service.engine.rope import cos_sin
 from service.engine.runner import TorchRunner
 from service.engine.sampler import SampleRow, sample
 from service.engine.scheduler import StepItem
-from service.engine.sink_attention import decode_attention, num_splits
+from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
 
-BLOCK_N = 64  # window keys per attention tile
+# Batch-1 steps run the layer projections through the Triton GEMV (SiLU fused into the
+# down projection) instead of cuBLAS: closer to copy bandwidth on an H200 (branch cuda2's
+# bench/gpu_sweep.py).
+TRITON_GEMV = True
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """What one batch bucket's decode step launches: attention shape, GEMV or cuBLAS."""
+
+    attn: AttnConfig
+    gemv: bool
+
+
+def decode_tuning(rows: int, kv_heads: int, group: int, window: int, sm_count: int) -> DecodeTuning:
+    return DecodeTuning(
+        attention_config(rows, kv_heads, group, window, sm_count), TRITON_GEMV and rows == 1
+    )
 
 
 def decode_forward(
@@ -43,12 +62,21 @@ def decode_forward(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     slots: torch.Tensor,
-    splits: int,
+    tuning: DecodeTuning,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode token per row: write each row's K/V and position into its slot and
-    return logits [B, vocab] in the model's dtype. Static shapes, no host synchronisation."""
+    return logits [B, vocab] in the model's dtype. Static shapes, no host synchronisation.
+    `counters`: the attention kernel's int32 zeros, at least B * kv_heads (see
+    `decode_attention`)."""
     cfg = model.cfg
     b, nh, hd = tokens.shape[0], cfg.num_heads, cfg.head_dim
+
+    def linear(a: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if tuning.gemv and bias is None and isinstance(w, torch.Tensor):
+            return gemv(a, w)
+        return dense_linear(a, w, bias)
+
     limit = kv.sinks + kv.window
     rope = (
         *cos_sin(positions, model.inv_freq, torch.float32),
@@ -71,17 +99,21 @@ def decode_forward(
             attn,
             sinks=kv.sinks,
             window=kv.window,
-            splits=splits,
+            config=tuning.attn,
             sm_scale=1.0,  # Llama folds hd^-0.5 into the q rows of wqkv
-            block_n=BLOCK_N,
+            counters=counters,
         )
         delta = linear(attn.view(b, nh * hd), layer.wo)
         h = add_rms_norm(x, delta, layer.ffn_norm, cfg.rms_eps)
-        delta = linear(silu_mul(linear(h, layer.w_gate_up)), layer.w_down)
+        gate_up = linear(h, layer.w_gate_up)
+        if tuning.gemv and isinstance(layer.w_down, torch.Tensor):
+            delta = gemv(gate_up, layer.w_down, silu=True)
+        else:
+            delta = dense_linear(silu_mul(gate_up), layer.w_down)
     h = add_rms_norm(x, delta, model.norm, cfg.rms_eps)
     # Positions are committed once every layer has read the old ones.
     kv.kpos[slots, kv.cache_index(positions)] = positions
-    return linear(h, model.lm_head)
+    return dense_linear(h.to(model.lm_head.dtype), model.lm_head)
 
 
 @dataclass
@@ -119,6 +151,10 @@ class CudaGraphRunner(TorchRunner):
         # rows: token, position, slot (static: graphs read these addresses)
         self.inputs = torch.zeros(3, size, dtype=torch.long, device=dev)
         self.staging = torch.zeros(3, size, dtype=torch.long, pin_memory=dev.type == "cuda")
+        # The attention kernel's split tickets, zero between launches. Every bucket's graph
+        # reads and writes them (never two at once); the runner owns them because a graph
+        # keeps only their address: freed, that memory went to other tensors.
+        self.counters = torch.zeros(size * model.cfg.num_kv_heads, dtype=torch.int32, device=dev)
         self._buckets: dict[int, _Bucket] = {}
         self._pool: Any = None  # the graphs share one memory pool
 
@@ -192,17 +228,22 @@ class CudaGraphRunner(TorchRunner):
 
     def _build(self, size: int) -> _Bucket:
         cfg = self.model.cfg
-        splits = num_splits(size, cfg.num_kv_heads, self.kv.window, self.sm_count, BLOCK_N)
+        group = cfg.num_heads // cfg.num_kv_heads
+        tuning = decode_tuning(size, cfg.num_kv_heads, group, self.kv.window, self.sm_count)
         tokens, positions, slots = (
             self.inputs[0, :size],
             self.inputs[1, :size],
             self.inputs[2, :size],
         )
+        # A graph holds the addresses of what it reads and writes outside its pool, not the
+        # tensors: the runner (inputs, counters) or the bucket (logits, ids) must own them.
         logits = torch.empty(size, cfg.vocab_size, device=self.model.device)
         ids = torch.empty(size, dtype=torch.long, device=self.model.device)
 
         def body() -> None:
-            out = decode_forward(self.model, self.kv, tokens, positions, slots, splits)
+            out = decode_forward(
+                self.model, self.kv, tokens, positions, slots, tuning, self.counters
+            )
             logits.copy_(out)  # upcast to float32
             torch.argmax(logits, dim=-1, out=ids)
 

@@ -69,3 +69,72 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
     return out
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    n_out,
+    k_in,
+    w_row_stride,
+    SILU: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n_out
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * w_row_stride
+    for k0 in range(0, k_in, BLOCK_K):
+        kk = k0 + cols
+        kmask = kk < k_in
+        w = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if SILU:  # x is (gate, up) of width 2 k_in: the input is SiLU(gate) * up
+            gate = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + k_in + kk, mask=kmask, other=0.0).to(tl.float32)
+            xk = (gate / (1.0 + tl.exp(-gate)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            xk = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        acc += w.to(tl.float32) * xk[None, :]
+    tl.store(y_ptr + rows, tl.sum(acc, 1).to(y_ptr.dtype.element_ty), mask=rmask)
+
+
+def gemv_config(n_out: int, k_in: int, silu: bool) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_warps, num_stages) by weight shape: the fastest of a grid on
+    an H200 for the 7B and 8B projections (branch cuda2's bench/gpu_sweep.py)."""
+    if silu:
+        return 8, 1024, 4, 3
+    if n_out * k_in <= 4096 * 4096:
+        return 16, 1024, 8, 1
+    if n_out <= 8192:
+        return 8, 512, 4, 1
+    return 16, 256, 4, 3
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    silu: bool = False,
+    block_n: int | None = None,
+    block_k: int = 512,
+    num_warps: int = 4,
+    num_stages: int = 1,
+) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N] for one row (a batch-1 decode step), each program
+    streaming BLOCK_N weight rows; with `silu`, x is [1, 2 K] laid out as (gate, up) and
+    the input is SiLU(gate) * up, rounded to x's dtype as `silu_mul` would."""
+    n_out, k_in = weight.shape
+    assert x.shape == (1, 2 * k_in if silu else k_in) and x.is_contiguous()
+    if block_n is None:  # the tuned tile for this shape
+        block_n, block_k, num_warps, num_stages = gemv_config(n_out, k_in, silu)
+    block_k = min(block_k, max(16, triton.next_power_of_2(k_in)))
+    y = x.new_empty(1, n_out)
+    _gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        x, weight, y, n_out, k_in, weight.stride(0),
+        SILU=silu, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y

@@ -3,24 +3,32 @@
 One query token per row of a ragged decode batch; each row names its KV slot and absolute
 position. The cache is never gathered: programs index `k_cache[slot, kv_head]` directly.
 
-Flash-decoding in two launches:
-- `_split_kernel`, grid (rows, kv_heads, splits): one program scores the g query heads of
-  a KV group against one stretch of the ring window with `q_abs` (RoPE at the absolute
-  position), keeping a running max / sum / weighted value sum. Split 0 also takes the S
-  sink columns, scored with `q_sink` (RoPE at the cache position min(t, S + W)), and the
-  token's own key. Masks come from `kpos` (the absolute position held at each cache
-  index, -1 = empty): a key is visible when 0 <= kpos < t and it is a sink or kpos >= t - W.
-- `_combine_kernel`, grid (rows, kv_heads): merges the splits' partial softmaxes, writes
-  the output, then stores the token's rotated key and its value at its ring index. The
-  store must follow every read of the slot: the index it overwrites holds the key at
-  t - W, which this very query still attends to.
+Flash-decoding in one launch, grid (rows, kv_heads, splits):
+- each program scores the g query heads of a KV group against one stretch of the ring
+  window with `q_abs` (RoPE at the absolute position), keeping a running max / sum /
+  weighted value sum. Split 0 also takes the S sink columns, scored with `q_sink` (RoPE at
+  the cache position min(t, S + W)), and the token's own key. Masks come from `kpos` (the
+  absolute position held at each cache index, -1 = empty): a key is visible when
+  0 <= kpos < t and it is a sink or kpos >= t - W. A tile's K and V loads are issued
+  together, before any arithmetic on them.
+- each program writes its partial softmax, then takes a ticket from a per-(row, head)
+  counter; the last split to arrive merges every partial (one vector load over all
+  splits), writes the output, stores the token's rotated key and its value at its ring
+  index, and resets the counter for the next launch. The store must follow every read of
+  the slot: the index it overwrites holds the key at t - W, which this very query still
+  attends to, and every other split took its ticket only after its reads.
+
+Scores and values go through `tl.dot` on tiles of 16 query rows (g real ones); with one
+query head per KV head (g = 1) `AttnConfig.dot = False` takes plain multiply-and-sum.
 
 Queries and the new key arrive unrotated in the fused qkv projection; RoPE is applied in
-the kernels from per-row float32 cos/sin tables (angles computed in float64 upstream).
+the kernel from per-row float32 cos/sin tables (angles computed in float64 upstream).
 The rotate-half layout is handled by working on the two halves of the head dimension.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,32 +37,72 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch shape of `decode_attention` (window splits, keys per tile, warps, stages)."""
+
+    splits: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    dot: bool = True  # tensor-core tiles also when g = 1 (else multiply-and-sum)
+
+
 @triton.jit
 def _rope_halves(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
-def _attend_tile(q1, q2, k_ptr, v_ptr, offs, cmask, vis, HALF: tl.constexpr, m_i, l_i, acc1, acc2):
+def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):
+    """[GP, HALF] queries against [N, HALF] keys (two halves each) -> [GP, N] float32.
+    Without dot, GP is 1: multiply-and-sum over the head dimension."""
+    if USE_DOT:
+        s = tl.dot(q1.to(k1.dtype), tl.trans(k1)) + tl.dot(q2.to(k2.dtype), tl.trans(k2))
+    else:
+        q1v = tl.sum(q1, 0)  # [HALF]: drops the single query row
+        q2v = tl.sum(q2, 0)
+        k1f = k1.to(tl.float32)
+        k2f = k2.to(tl.float32)
+        s = (tl.sum(k1f * q1v[None, :], 1) + tl.sum(k2f * q2v[None, :], 1))[None, :]
+    return s
+
+
+@triton.jit
+def _weighted(p, v, USE_DOT: tl.constexpr):
+    """[GP, N] weights times [N, HALF] values -> [GP, HALF] float32 (GP is 1 without dot)."""
+    if USE_DOT:
+        o = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.sum(p, 0)  # [N]
+        o = tl.sum(pv[:, None] * v.to(tl.float32), 0)[None, :]
+    return o
+
+
+@triton.jit
+def _attend_tile(
+    q1, q2, k_ptr, v_ptr, offs, cmask, vis, m_i, l_i, acc1, acc2,
+    HALF: tl.constexpr, USE_DOT: tl.constexpr,
+):  # fmt: skip
     """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
     query halves are already rotated and scaled for these keys."""
     k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
     k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-    s = tl.dot(q1.to(k1.dtype), tl.trans(k1)) + tl.dot(q2.to(k2.dtype), tl.trans(k2))
+    v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
+    v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
+    s = _scores(q1, q2, k1, k2, USE_DOT)
     s = tl.where(vis[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
-    v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-    acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
-    acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2)
+    acc1 = acc1 * alpha[:, None] + _weighted(p, v1, USE_DOT)
+    acc2 = acc2 * alpha[:, None] + _weighted(p, v2, USE_DOT)
     return m_new, l_i, acc1, acc2
 
 
 @triton.jit
-def _split_kernel(
+def _decode_kernel(
     qkv_ptr,
     qkv_row_stride,
     cos_p_ptr,
@@ -70,6 +118,8 @@ def _split_kernel(
     pos_ptr,
     acc_ptr,
     ml_ptr,
+    count_ptr,
+    out_ptr,
     qk_scale,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -79,13 +129,15 @@ def _split_kernel(
     S: tl.constexpr,
     SP: tl.constexpr,
     W: tl.constexpr,
+    NSPLIT: tl.constexpr,
+    NSP: tl.constexpr,
     SPLIT_LEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     row = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
-    nsplit = tl.num_programs(2)
     hd: tl.constexpr = 2 * HALF
     c_len: tl.constexpr = S + W
     slot = tl.load(slots_ptr + row)
@@ -123,7 +175,7 @@ def _split_kernel(
         vis = (kp >= 0) & (kp < pos) & (kp >= pos - W)
         offs = kv_base + cols[:, None] * hd + d[None, :]
         m_i, l_i, acc1, acc2 = _attend_tile(
-            qa1, qa2, k_ptr, v_ptr, offs, cmask, vis, HALF, m_i, l_i, acc1, acc2
+            qa1, qa2, k_ptr, v_ptr, offs, cmask, vis, m_i, l_i, acc1, acc2, HALF, USE_DOT
         )
 
     if sp == 0:
@@ -131,16 +183,15 @@ def _split_kernel(
             cos_c = tl.load(cos_c_ptr + row * HALF + d)[None, :]
             sin_c = tl.load(sin_c_ptr + row * HALF + d)[None, :]
             qs1, qs2 = _rope_halves(q1, q2, cos_c, sin_c)
-            qs1 = qs1 * qk_scale
-            qs2 = qs2 * qk_scale
             cols = tl.arange(0, SP)
             cmask = cols < S
             kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
             vis = (kp >= 0) & (kp < pos)
             offs = kv_base + cols[:, None] * hd + d[None, :]
             m_i, l_i, acc1, acc2 = _attend_tile(
-                qs1, qs2, k_ptr, v_ptr, offs, cmask, vis, HALF, m_i, l_i, acc1, acc2
-            )
+                qs1 * qk_scale, qs2 * qk_scale, k_ptr, v_ptr, offs, cmask, vis,
+                m_i, l_i, acc1, acc2, HALF, USE_DOT,
+            )  # fmt: skip
         # The token's own key and value (always visible).
         kn_base = qkv_ptr + row * qkv_row_stride + (NUM_HEADS + h) * hd + d
         kn1, kn2 = _rope_halves(
@@ -159,92 +210,81 @@ def _split_kernel(
         m_i = m_new
 
     # Partials keep only the G real query rows: [part, G, hd] and [part, 2, G].
-    part = (row * NUM_KV_HEADS + h) * nsplit + sp
+    group = row * NUM_KV_HEADS + h
+    part = group * NSPLIT + sp
     acc_offs = acc_ptr + part * G * hd + r[:, None] * hd + d[None, :]
     tl.store(acc_offs, acc1, mask=rmask[:, None])
     tl.store(acc_offs + HALF, acc2, mask=rmask[:, None])
     tl.store(ml_ptr + part * 2 * G + r, m_i, mask=rmask)
     tl.store(ml_ptr + part * 2 * G + G + r, l_i, mask=rmask)
 
+    # Ticket: every thread's partial stores come before it (barrier, then a release).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(count_ptr + group, 1, sem="acq_rel")
+    if ticket == NSPLIT - 1:
+        tl.debug_barrier()  # the acquire above comes before every thread's loads
+        # The last split merges all partials: [NSP, GP] maxima and sums, [NSP, GP, HALF],
+        # loaded at L2 (.cg), where the other programs' stores are visible.
+        s_all = tl.arange(0, NSP)
+        ml_offs = (group * NSPLIT + s_all)[:, None] * 2 * G + r[None, :]
+        pmask = (s_all < NSPLIT)[:, None] & rmask[None, :]
+        m_s = tl.load(ml_ptr + ml_offs, mask=pmask, other=-1.0e30, cache_modifier=".cg")
+        l_s = tl.load(ml_ptr + ml_offs + G, mask=pmask, other=0.0, cache_modifier=".cg")
+        a_offs = (
+            acc_ptr
+            + (group * NSPLIT + s_all)[:, None, None] * G * hd
+            + r[None, :, None] * hd
+            + d[None, None, :]
+        )
+        a1 = tl.load(a_offs, mask=pmask[:, :, None], other=0.0, cache_modifier=".cg")
+        a2 = tl.load(a_offs + HALF, mask=pmask[:, :, None], other=0.0, cache_modifier=".cg")
+        m = tl.max(m_s, 0)
+        b = tl.exp2(m_s - m[None, :])
+        l_sum = tl.sum(l_s * b, 0)
+        l_sum = tl.where(rmask, l_sum, 1.0)  # padding rows: avoid 0 / 0
+        o1 = tl.sum(a1 * b[:, :, None], 0) / l_sum[:, None]
+        o2 = tl.sum(a2 * b[:, :, None], 0) / l_sum[:, None]
+        out_offs = out_ptr + (row * NUM_HEADS + h * G + r)[:, None] * hd + d[None, :]
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(out_offs, o1.to(out_ty), mask=rmask[:, None])
+        tl.store(out_offs + HALF, o2.to(out_ty), mask=rmask[:, None])
 
-@triton.jit
-def _combine_kernel(
-    acc_ptr,
-    ml_ptr,
-    out_ptr,
-    qkv_ptr,
-    qkv_row_stride,
-    cos_p_ptr,
-    sin_p_ptr,
-    k_ptr,
-    v_ptr,
-    cache_slot_stride,
-    cache_head_stride,
-    slots_ptr,
-    pos_ptr,
-    NSPLIT,
-    NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
-    G: tl.constexpr,
-    GP: tl.constexpr,
-    HALF: tl.constexpr,
-    S: tl.constexpr,
-    W: tl.constexpr,
-):
-    row = tl.program_id(0)
-    h = tl.program_id(1)
-    hd: tl.constexpr = 2 * HALF
-    r = tl.arange(0, GP)
-    d = tl.arange(0, HALF)
-    part0 = (row * NUM_KV_HEADS + h) * NSPLIT
-
-    m = tl.full([GP], -1.0e30, tl.float32)
-    l_sum = tl.zeros([GP], tl.float32)
-    o1 = tl.zeros([GP, HALF], tl.float32)
-    o2 = tl.zeros([GP, HALF], tl.float32)
-    rmask = (r < G)[:, None]
-    for sp in range(0, NSPLIT):
-        base = (part0 + sp) * 2 * G
-        m_s = tl.load(ml_ptr + base + r, mask=r < G, other=-1.0e30)
-        l_s = tl.load(ml_ptr + base + G + r, mask=r < G, other=0.0)
-        m_new = tl.maximum(m, m_s)
-        a = tl.exp2(m - m_new)
-        b = tl.exp2(m_s - m_new)
-        acc_offs = acc_ptr + (part0 + sp) * G * hd + r[:, None] * hd + d[None, :]
-        o1 = o1 * a[:, None] + tl.load(acc_offs, mask=rmask, other=0.0) * b[:, None]
-        o2 = o2 * a[:, None] + tl.load(acc_offs + HALF, mask=rmask, other=0.0) * b[:, None]
-        l_sum = l_sum * a + l_s * b
-        m = m_new
-    l_sum = tl.where(r < G, l_sum, 1.0)  # padding rows: avoid 0 / 0
-    out_offs = out_ptr + (row * NUM_HEADS + h * G + r)[:, None] * hd + d[None, :]
-    out_ty = out_ptr.dtype.element_ty
-    tl.store(out_offs, (o1 / l_sum[:, None]).to(out_ty), mask=rmask)
-    tl.store(out_offs + HALF, (o2 / l_sum[:, None]).to(out_ty), mask=rmask)
-
-    # Every read of this slot and head is done: store the new key (rotated) and value.
-    slot = tl.load(slots_ptr + row)
-    pos = tl.load(pos_ptr + row)
-    index = tl.where(pos < S, pos, S + (pos - S) % W)
-    cos_p = tl.load(cos_p_ptr + row * HALF + d)
-    sin_p = tl.load(sin_p_ptr + row * HALF + d)
-    kn_base = qkv_ptr + row * qkv_row_stride + (NUM_HEADS + h) * hd + d
-    kn1, kn2 = _rope_halves(
-        tl.load(kn_base).to(tl.float32), tl.load(kn_base + HALF).to(tl.float32), cos_p, sin_p
-    )
-    dst = slot.to(tl.int64) * cache_slot_stride + h * cache_head_stride + index * hd + d
-    cache_ty = k_ptr.dtype.element_ty
-    tl.store(k_ptr + dst, kn1.to(cache_ty))
-    tl.store(k_ptr + dst + HALF, kn2.to(cache_ty))
-    vn_base = kn_base + NUM_KV_HEADS * hd
-    tl.store(v_ptr + dst, tl.load(vn_base))
-    tl.store(v_ptr + dst + HALF, tl.load(vn_base + HALF))
+        # Every split's reads of this slot and head are done (each took its ticket after
+        # them): store the new key (rotated) and value.
+        index = tl.where(pos < S, pos, S + (pos - S) % W)
+        kn_base = qkv_ptr + row * qkv_row_stride + (NUM_HEADS + h) * hd + d
+        kn1, kn2 = _rope_halves(
+            tl.load(kn_base).to(tl.float32),
+            tl.load(kn_base + HALF).to(tl.float32),
+            tl.load(cos_p_ptr + row * HALF + d),
+            tl.load(sin_p_ptr + row * HALF + d),
+        )
+        dst = kv_base + index * hd + d
+        cache_ty = k_ptr.dtype.element_ty
+        tl.store(k_ptr + dst, kn1.to(cache_ty))
+        tl.store(k_ptr + dst + HALF, kn2.to(cache_ty))
+        vn_base = kn_base + NUM_KV_HEADS * hd
+        tl.store(v_ptr + dst, tl.load(vn_base))
+        tl.store(v_ptr + dst + HALF, tl.load(vn_base + HALF))
+        tl.store(count_ptr + group, 0)  # ready for the next launch
 
 
-def num_splits(rows: int, kv_heads: int, window: int, sm_count: int, block_n: int) -> int:
-    """Splits of the window so that rows * kv_heads * splits covers the SMs about twice
-    (measured on an H200, 7B shape, batch 1: 2x beat 4x, 8x; bench/results)."""
-    want = -(-2 * sm_count // (rows * kv_heads))
-    return max(1, min(want, -(-window // block_n)))
+def attention_config(
+    rows: int, kv_heads: int, group: int, window: int, sm_count: int
+) -> AttnConfig:
+    """Launch shape for a batch of `rows` (measured on an H200 with branch cuda2's
+    bench/gpu_sweep.py).
+
+    Small batches split the window so that rows * kv_heads * splits covers the SMs about
+    four times over; large ones still take at least two splits (8B shape, 64 rows: two
+    beat one and four). One row with one query head per KV head (7B shape): 128-key tiles
+    of multiply-and-sum on two warps (16.6 us a layer against 19.7 for the two-launch
+    kernel and 22.7 for tensor-core tiles)."""
+    want = -(-4 * sm_count // (rows * kv_heads))
+    splits = max(2, min(want, -(-window // 64)))
+    if group == 1 and rows == 1:
+        return AttnConfig(splits=splits, block_n=128, num_warps=2, num_stages=1, dot=False)
+    return AttnConfig(splits=splits)
 
 
 def decode_attention(
@@ -259,9 +299,9 @@ def decode_attention(
     *,
     sinks: int,
     window: int,
-    splits: int,
+    config: AttnConfig,
     sm_scale: float,
-    block_n: int = 64,
+    counters: torch.Tensor | None = None,
 ) -> None:
     """Attention of one decode token per row, then store its K/V at its ring index.
 
@@ -269,21 +309,28 @@ def decode_attention(
     float32 [B, hd / 2] at the absolute and the cache position; k_cache/v_cache
     [slots, nKV, S + W, hd]; kpos [slots, S + W] int64; slots, positions [B] int64;
     out [B, nH, hd] is written. Scores are q.k * sm_scale (1.0 where the model already
-    folded hd^-0.5 into its q projection). `kpos` is not updated here (the caller commits positions
-    once every layer has run).
+    folded hd^-0.5 into its q projection). `counters`: int32 zeros, at least B * nKV, left
+    zeroed (allocated here when not given). They carry state from launch to launch: a
+    CUDA graph that captured this call holds their address, not the tensor, so its owner
+    must keep them alive (CudaGraphRunner.counters). `kpos` is not updated here (the
+    caller commits positions once every layer has run).
     """
     b, nh, hd = out.shape
     nkv = k_cache.shape[1]
     g = nh // nkv
-    gp = max(16, triton.next_power_of_2(g))
+    use_dot = g > 1 or config.dot
+    gp = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
     half = hd // 2
-    split_len = triton.cdiv(triton.cdiv(window, splits), block_n) * block_n
+    block_n = config.block_n
+    split_len = triton.cdiv(triton.cdiv(window, config.splits), block_n) * block_n
     splits = triton.cdiv(window, split_len)
-    acc = torch.empty(b * nkv * splits * g * hd, dtype=torch.float32, device=qkv.device)
-    ml = torch.empty(b * nkv * splits * 2 * g, dtype=torch.float32, device=qkv.device)
+    dev = qkv.device
+    acc = torch.empty(b * nkv * splits * g * hd, dtype=torch.float32, device=dev)
+    ml = torch.empty(b * nkv * splits * 2 * g, dtype=torch.float32, device=dev)
+    if counters is None:
+        counters = torch.zeros(b * nkv, dtype=torch.int32, device=dev)
     cos_p, sin_p, cos_c, sin_c = rope
-    common = dict(NUM_HEADS=nh, NUM_KV_HEADS=nkv, G=g, GP=gp, HALF=half, S=sinks, W=window)
-    _split_kernel[(b, nkv, splits)](
+    _decode_kernel[(b, nkv, splits)](
         qkv,
         qkv.stride(0),
         cos_p,
@@ -299,26 +346,22 @@ def decode_attention(
         positions,
         acc,
         ml,
+        counters,
+        out,
         sm_scale * LOG2E,
+        NUM_HEADS=nh,
+        NUM_KV_HEADS=nkv,
+        G=g,
+        GP=gp,
+        HALF=half,
+        S=sinks,
         SP=max(16, triton.next_power_of_2(sinks)),
+        W=window,
+        NSPLIT=splits,
+        NSP=max(2, triton.next_power_of_2(splits)),  # no size-1 axis in the merge
         SPLIT_LEN=split_len,
         BLOCK_N=block_n,
-        **common,
-    )
-    _combine_kernel[(b, nkv)](
-        acc,
-        ml,
-        out,
-        qkv,
-        qkv.stride(0),
-        cos_p,
-        sin_p,
-        k_cache,
-        v_cache,
-        k_cache.stride(0),
-        k_cache.stride(1),
-        slots,
-        positions,
-        splits,
-        **common,
+        USE_DOT=use_dot,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from service.engine.fused_ops import add_rms_norm, silu_mul
+from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
 from service.engine.rope import cos_sin, inv_frequencies
-from service.engine.sink_attention import decode_attention
+from service.engine.sink_attention import AttnConfig, decode_attention
 
 TOL = 1e-4
 
@@ -51,10 +51,12 @@ def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, windo
     return out, k_new, v_new
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits):
+@pytest.mark.parametrize(
+    ("splits", "nkv", "dot"), [(1, 2, True), (3, 2, True), (3, 4, True), (3, 4, False)]
+)
+def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv, dot):
     g = torch.Generator().manual_seed(0)
-    nh, nkv, hd, sinks, window, num_slots = 4, 2, 32, 3, 40, 5
+    nh, hd, sinks, window, num_slots = 4, 32, 3, 40, 5
     c = sinks + window
     inv_freq = inv_frequencies(hd, 10000.0, None)
     k_cache = torch.randn(num_slots, nkv, c, hd, generator=g)
@@ -75,13 +77,19 @@ def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits):
     want, k_new, v_new = naive_decode(
         qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, window, inv_freq
     )
-    out = torch.full((len(slots), nh, hd), float("nan"))
-    k_before = k_cache.clone()
-    decode_attention(
-        qkv, rope, k_cache, v_cache, kpos, slots, positions, out,
-        sinks=sinks, window=window, splits=splits, sm_scale=hd**-0.5, block_n=16,
-    )  # fmt: skip
-    assert (out - want).abs().max().item() < TOL
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    counters = torch.zeros(len(slots) * nkv, dtype=torch.int32)
+    config = AttnConfig(splits, block_n=16, dot=dot)
+    for launch in range(2):  # a second launch (a graph replay) reuses the same counters
+        k_cache.copy_(k_before)
+        v_cache.copy_(v_before)
+        out = torch.full((len(slots), nh, hd), float("nan"))
+        decode_attention(
+            qkv, rope, k_cache, v_cache, kpos, slots, positions, out,
+            sinks=sinks, window=window, config=config, sm_scale=hd**-0.5, counters=counters,
+        )  # fmt: skip
+        assert (out - want).abs().max().item() < TOL, f"launch {launch}"
+        assert not counters.any(), "the last split leaves the counters zeroed"
     index = torch.where(positions < sinks, positions, sinks + (positions - sinks) % window)
     assert torch.allclose(k_cache[slots, :, index], k_new, atol=TOL)
     assert torch.equal(v_cache[slots, :, index], v_new)
@@ -103,3 +111,14 @@ def test_silu_mul_gates_the_up_projection():
     gu = torch.randn(2, 2 * 1500, generator=torch.Generator().manual_seed(2))
     gate, up = gu.chunk(2, dim=-1)
     assert torch.allclose(silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=TOL)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_gemv_equals_a_matrix_product_with_ragged_edges(silu):
+    g = torch.Generator().manual_seed(3)
+    n, k = 37, 300  # neither a multiple of the blocks
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(1, 2 * k if silu else k, generator=g)
+    a = silu_mul(x) if silu else x
+    got = gemv(x, w, silu=silu, block_n=16, block_k=128)
+    assert torch.allclose(got, a @ w.T, atol=TOL, rtol=TOL)

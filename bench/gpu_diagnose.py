@@ -1,0 +1,74 @@
+"""Which part of the CUDA runner breaks bench/gpu.py's device correctness? (one JSON object)
+
+    python3 bench/gpu_diagnose.py [--old PATH_TO_main_sink_attention.py]
+
+Runs bench/gpu.py's `engine_vs_oracle` on the GPU under a matrix of switches: CUDA graphs
+on/off, the Triton GEMV on/off, and (with --old) main's two-launch attention kernel in
+place of the one-launch kernel. Seen on branch cuda2 (H200): graphs on with the new
+attention gave rel_err_median 1.0 (GEMV on or off), everything else passed. The cause:
+the graphs kept the address of a counters tensor that only the discarded capture closure
+referenced; its memory went to other tensors. The runner now owns it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu import engine_vs_oracle
+from service.engine import cuda_runner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--old", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    original_runner, original_attn = cuda_runner.CudaGraphRunner, cuda_runner.decode_attention
+    old = None
+    if args.old:
+        spec = importlib.util.spec_from_file_location("old_sink_attention", args.old)
+        assert spec and spec.loader
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+
+    def old_attention(*a, config, sm_scale, counters=None, **kw):
+        if "sm_scale" in inspect.signature(old.decode_attention).parameters:
+            kw["sm_scale"] = sm_scale  # else the old kernel scales by hd^-0.5 itself
+        old.decode_attention(*a, splits=config.splits, block_n=64, **kw)
+
+    out = {}
+    for graphs in (True, False):
+        for gemv in (True, False):
+            for attn in ("new", "old") if old else ("new",):
+                cuda_runner.TRITON_GEMV = gemv
+                cuda_runner.decode_attention = old_attention if attn == "old" else original_attn
+                cuda_runner.CudaGraphRunner = partial(original_runner, graphs=graphs)
+                key = f"graphs_{graphs}_gemv_{gemv}_attn_{attn}"
+                try:
+                    r = engine_vs_oracle(dev)
+                    out[key] = {
+                        s: {
+                            k: r[s]["cuda_graph_runner"][k]
+                            for k in ("rel_err_median", "argmax_agreement")
+                        }
+                        for s in r
+                        if isinstance(r[s], dict)
+                    }
+                except Exception as exc:
+                    out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(key, json.dumps(out[key]), flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
