@@ -7,6 +7,7 @@ error, final)` function; everything here works on numpy arrays and plain callabl
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,22 +166,27 @@ class TurnResponder:
     token and the usage. Not streaming: one FINAL response with the whole text.
     Invariant: exactly one FINAL response is sent, after which nothing is sent.
     `before_final` runs (on the calling thread) just before the FINAL response goes out.
-    Nothing here raises into the caller (the engine thread): a failing send or hook is
-    logged; after a failed send the request is `abandoned` (the cancel watcher cancels
-    its turn) and nothing more is sent.
+    With `sends`, responses go out from its thread (see `SendQueue`). Nothing here raises
+    into the caller (the engine thread): a failing send or hook is logged; after a failed
+    send the request is `abandoned` (the cancel watcher cancels its turn) and nothing more
+    is sent.
     """
 
     def __init__(
-        self, send: Send, stream: bool, before_final: Callable[[TurnEnd], None] | None = None
+        self,
+        send: Send,
+        stream: bool,
+        before_final: Callable[[TurnEnd], None] | None = None,
+        sends: SendQueue | None = None,
     ):
-        self._send = send
+        self.abandoned = threading.Event()
+        self._send = send if sends is None else sends.wrap(send, self.abandoned)
         self._stream = stream
         self._before_final = before_final
         self._text: list[str] = []
         self._ids: list[int] = []
         self._lock = threading.Lock()
         self.done = threading.Event()
-        self.abandoned = threading.Event()
 
     def on_events(self, events: Sequence[Event]) -> None:
         with self._lock:
@@ -239,6 +245,44 @@ class TurnResponder:
         text, ids = "".join(self._text), self._ids
         self._text, self._ids = [], []
         return {"text_output": _str_tensor(text), "output_ids": np.array(ids, dtype=np.int32)}
+
+
+class SendQueue:
+    """Sends responses from one thread of its own, in the order they were queued.
+
+    `wrap(send, abandoned)` gives a `Send` that only queues, so the engine thread never
+    waits on Triton's response IPC (a round trip per token and session). A send that
+    fails sets `abandoned` (the cancel watcher then cancels the turn) and drops that
+    request's later responses. `close()` sends everything queued, then stops.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Send, threading.Event, tuple] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="sinkserve-send", daemon=True)
+        self._thread.start()
+
+    def wrap(self, send: Send, abandoned: threading.Event) -> Send:
+        def queued(outputs: Outputs | None, error: str | None, final: bool) -> None:
+            self._queue.put((send, abandoned, (outputs, error, final)))
+
+        return queued
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=timeout_s)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            send, abandoned, args = item
+            if abandoned.is_set():
+                continue
+            try:
+                send(*args)
+            except Exception:
+                log.exception("sending a response failed; the request is abandoned")
+                abandoned.set()
 
 
 class CancelWatcher:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from service.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
-from service.triton.adapter import CancelWatcher, TurnResponder, parse_request
+from service.triton.adapter import CancelWatcher, SendQueue, TurnResponder, parse_request
 
 USAGE = Usage(prompt_tokens=5, generated_tokens=2, position=40, cached_tokens=40, evicted_tokens=0)
 
@@ -179,3 +179,42 @@ def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_req
     assert responder.abandoned.is_set() and not responder.done.is_set()
     responder.on_events([TurnEnd(FinishReason.CANCELLED, USAGE)])
     assert responder.done.is_set() and calls == [False]
+
+
+def test_queued_sends_leave_in_order_from_another_thread_without_blocking_the_caller():
+    release, sent, threads = threading.Event(), [], set()
+
+    def slow(outputs, error, final):
+        release.wait(5)  # Triton's response IPC, stuck
+        threads.add(threading.get_ident())
+        sent.append((text_of(outputs), final))
+
+    sends = SendQueue()
+    responder = TurnResponder(slow, stream=True, sends=sends)
+    responder.on_events([TokenEvent(1, "a", 0)])  # returns although the send is stuck
+    responder.on_events([TokenEvent(2, "b", 1)])
+    responder.on_events([TokenEvent(3, "c", 2), TurnEnd(FinishReason.STOP, USAGE)])
+    assert sent == [] and responder.done.is_set()
+    release.set()
+    sends.close()
+    assert sent == [("a", False), ("b", False), ("c", True)]
+    assert threads and threading.get_ident() not in threads
+
+
+def test_a_failing_queued_send_abandons_its_request_and_drops_its_later_responses():
+    calls: list[bool] = []
+
+    def broken(outputs, error, final):
+        calls.append(final)
+        raise RuntimeError("client went away")
+
+    rec, sends = Recorder(), SendQueue()
+    failing = TurnResponder(broken, stream=True, sends=sends)
+    healthy = TurnResponder(rec, stream=True, sends=sends)
+    failing.on_events([TokenEvent(1, "a", 0)])
+    healthy.on_events([TokenEvent(1, "x", 0)])
+    failing.on_events([TokenEvent(2, "b", 1), TurnEnd(FinishReason.STOP, USAGE)])
+    healthy.on_events([TurnEnd(FinishReason.STOP, USAGE)])
+    sends.close()
+    assert calls == [False] and failing.abandoned.is_set()
+    assert [final for _, _, final in rec.sent] == [False, True] and not healthy.abandoned.is_set()

@@ -18,7 +18,14 @@ import triton_python_backend_utils as pb_utils
 
 from service.engine.engine import Engine
 from service.engine.types import EngineError, Usage
-from service.triton.adapter import CancelWatcher, Outputs, TurnRequest, TurnResponder, parse_request
+from service.triton.adapter import (
+    CancelWatcher,
+    Outputs,
+    SendQueue,
+    TurnRequest,
+    TurnResponder,
+    parse_request,
+)
 from service.triton.handoff import Handoff
 from service.triton.metrics import EngineMetrics
 from service.triton.settings import kv_fingerprint, parse_parameters
@@ -40,6 +47,7 @@ class TritonPythonModel:
         self.import_error = ""
         threading.Thread(target=self._take_over, name="sinkserve-handoff", daemon=True).start()
         self.watcher = CancelWatcher(self.engine.cancel)
+        self.sends = SendQueue()  # responses leave from their own thread, not the engine's
         labels = {"model": name, "version": args["model_version"]}
         self.metrics = EngineMetrics(
             pb_utils,
@@ -98,7 +106,9 @@ class TritonPythonModel:
             log.exception("request parsing failed")
             TurnResponder(send, stream=False).fail("INTERNAL", f"{type(exc).__name__}: {exc}")
             return
-        responder = TurnResponder(send, turn.stream, before_final=self._ender(turn))
+        responder = TurnResponder(
+            send, turn.stream, before_final=self._ender(turn), sends=self.sends
+        )
         if self.imported.is_set() or self.engine.has_session(turn.session_id):
             self._run(request, turn, responder)
         else:  # the session may still be coming from the previous instance
@@ -154,6 +164,7 @@ class TritonPythonModel:
         self.metrics.close()
         self.imported.wait(self.settings.handoff_timeout_s)
         self.engine.shutdown(10.0)
+        self.sends.close()  # the FINALs of turns the shutdown cancelled go out first
         snapshots = self.engine.export_sessions()
         self.handoff.leave(self.fingerprint, snapshots)
         log.info("model finalized", sessions=len(snapshots), generation=self.handoff.generation)
