@@ -112,17 +112,22 @@ class Engine:
     def load(cls, config: EngineConfig) -> Engine:
         """Load the checkpoint named by `config.model` (default: SmolLM2-135M-Instruct).
 
-        Loads on one intra-op thread and leaves the calling thread there; the step thread
-        takes `config.threads` (torch's default when 0) for itself. Every thread that runs
-        a parallel torch op keeps its own OpenMP team, and once a process holds more
-        OpenMP threads than CPUs, libgomp stops spin-waiting between parallel regions, so
-        each of a step's thousands of regions pays a futex wake-up: with a 2-thread team
-        left behind by loading, a SmolLM2 decode step on 2 cores took 37 ms, not 15."""
+        Builds on one intra-op thread; the step thread takes `config.threads` (torch's
+        default when 0) for itself. Every thread that runs a parallel torch op keeps an
+        OpenMP team of its own, and once a process holds more OpenMP threads than CPUs,
+        libgomp stops spin-waiting between parallel regions, so each of a step's
+        thousands of regions pays a futex wake-up: with a 2-thread team left behind by
+        loading, a SmolLM2 decode step on 2 cores took 37 ms, not 15. So the calling
+        thread should run no parallel torch work of its own while the engine runs."""
         from service.engine.loader import build_runner
 
-        config = replace(config, threads=config.threads or torch.get_num_threads())
+        before = torch.get_num_threads()
+        config = replace(config, threads=config.threads or before)
         torch.set_num_threads(1)
-        runner, tokenizer = build_runner(config)
+        try:
+            runner, tokenizer = build_runner(config)
+        finally:
+            torch.set_num_threads(before)  # no team yet: one forms at the next parallel op
         return cls(config, runner, tokenizer)
 
     # ---- lifecycle -------------------------------------------------------------------
