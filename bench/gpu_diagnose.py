@@ -50,9 +50,8 @@ def main() -> None:
     for graphs in (True, False):
         for gemv in (True, False):
             for attn in ("new", "old") if old else ("new",):
-                cuda_runner.TRITON_GEMV = gemv
                 cuda_runner.decode_attention = old_attention if attn == "old" else original_attn
-                cuda_runner.CudaGraphRunner = partial(original_runner, graphs=graphs)
+                cuda_runner.CudaGraphRunner = partial(original_runner, graphs=graphs, gemv=gemv)
                 key = f"graphs_{graphs}_gemv_{gemv}_attn_{attn}"
                 try:
                     r = engine_vs_oracle(dev)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.config import EngineConfig
+from service.config import EngineConfig, add_engine_flags, engine_config
 
 PASSAGE = (
     "The river runs past the old mill and under the stone bridge, where the children of "
@@ -417,13 +417,7 @@ def add_bench_parser(
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--quant", default=d.quant, help="weight quantization: none | int4")
-    p.add_argument("--sinks", type=int, default=d.sinks)
-    p.add_argument("--window", type=int, default=d.window)
-    p.add_argument("--threads", type=int, default=d.threads)
+    add_engine_flags(p)
     p.add_argument("--step-token-budget", type=int, default=d.step_token_budget)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -432,14 +426,8 @@ def add_bench_parser(
 
 
 def bench_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quant=args.quant,
-        sinks=args.sinks,
-        window=args.window,
-        threads=args.threads,
+    return engine_config(
+        args,
         step_token_budget=args.step_token_budget,
         max_sessions=max(args.sessions),
         max_new_tokens=max(args.new_tokens, 1),

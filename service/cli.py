@@ -9,27 +9,11 @@ from pathlib import Path
 
 from service.bench import add_bench_parser
 from service.chat import add_chat_parser
-from service.config import EngineConfig
+from service.config import ConfigError, add_engine_flags, engine_config
 from service.gateway.cli import add_gateway_parser
 from service.logs import configure_logging
 from service.serve import add_serve_parser
 from service.triton.launcher import add_triton_parser
-
-
-def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    d = EngineConfig()
-    p.add_argument("--model", default=d.model, help="GGUF file or HF dir (default: SmolLM2)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--sinks", type=int, default=d.sinks)
-    p.add_argument("--window", type=int, default=d.window)
-    p.add_argument("--threads", type=int, default=d.threads)
-
-
-def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
-    keys = ("model", "device", "dtype", "sinks", "window", "threads")
-    values = {k: getattr(args, k) for k in keys} | overrides
-    return EngineConfig.from_mapping(values)
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
@@ -106,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(json=args.log_json, level=args.log_level)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:  # a bad flag value: say which, no traceback
+        print(f"sinkserve {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """The one validated configuration that flows from the CLI or Triton down to the runner.
 
 `EngineConfig.from_mapping` is the strict parser used by `config.pbtxt` parameters and CLI
-flags: an unknown key or a bad value raises `ConfigError` naming it.
+flags (`add_engine_flags`, `engine_config`): an unknown key or a bad value raises
+`ConfigError` naming it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,3 +101,24 @@ class EngineConfig:
             except ValueError:
                 raise ConfigError(f"{key}={raw!r}: expected {kind.__name__}") from None
         return cls(**kwargs)
+
+
+ENGINE_FLAGS = ("model", "device", "dtype", "quant", "sinks", "window", "threads")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The command-line flags of `ENGINE_FLAGS`, defaults from `EngineConfig`."""
+    d = EngineConfig()
+    p.add_argument("--model", default=d.model, help="GGUF file or HF dir (default: SmolLM2)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--quant", default=d.quant, help="weight quantization: none | int4")
+    p.add_argument("--sinks", type=int, default=d.sinks)
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--threads", type=int, default=d.threads)
+
+
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """The config of parsed `add_engine_flags` flags plus `overrides`, validated."""
+    values = {k: getattr(args, k) for k in ENGINE_FLAGS} | overrides
+    return EngineConfig.from_mapping(values)

@@ -31,3 +31,11 @@ def test_bench_flags_parse_a_list_of_session_counts():
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--sessions", "1,4,16", "--quant", "int4"])
     assert args.sessions == [1, 4, 16] and args.quant == "int4" and args.target == "engine"
+
+
+def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys):
+    from service.cli import main
+
+    assert main(["bench", "--quant", "int8", "--no-save"]) == 2
+    err = capsys.readouterr().err
+    assert "quant='int8': must be one of none, int4" in err and "Traceback" not in err

@@ -36,11 +36,6 @@ from service.engine.sampler import SampleRow, sample
 from service.engine.scheduler import StepItem
 from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
 
-# Batch-1 steps run the layer projections through the Triton GEMV (SiLU fused into the
-# down projection) instead of cuBLAS: closer to copy bandwidth on an H200 (branch cuda2's
-# bench/gpu_sweep.py).
-TRITON_GEMV = True
-
 
 @dataclass(frozen=True)
 class DecodeTuning:
@@ -50,10 +45,14 @@ class DecodeTuning:
     gemv: bool
 
 
-def decode_tuning(rows: int, kv_heads: int, group: int, window: int, sm_count: int) -> DecodeTuning:
-    return DecodeTuning(
-        attention_config(rows, kv_heads, group, window, sm_count), TRITON_GEMV and rows == 1
-    )
+def decode_tuning(
+    rows: int, kv_heads: int, group: int, window: int, sm_count: int, gemv: bool
+) -> DecodeTuning:
+    """`gemv`: batch-1 steps run the layer projections through the Triton GEMV (SiLU fused
+    into the down projection) instead of cuBLAS, closer to copy bandwidth on an H200
+    (branch cuda2's bench/gpu_sweep.py)."""
+    attn = attention_config(rows, kv_heads, group, window, sm_count)
+    return DecodeTuning(attn, gemv=gemv and rows == 1)
 
 
 def decode_forward(
@@ -134,11 +133,13 @@ class CudaGraphRunner(TorchRunner):
         *,
         graphs: bool | None = None,
         sm_count: int | None = None,
+        gemv: bool = True,
     ) -> None:
         super().__init__(config, model, extra_slots=1)
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs
+        self.gemv = gemv  # see `decode_tuning`
         if sm_count is None:  # off CUDA (interpreter tests): as if 8 SMs, to split the window
             cuda = dev.type == "cuda"
             sm_count = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
@@ -229,7 +230,9 @@ class CudaGraphRunner(TorchRunner):
     def _build(self, size: int) -> _Bucket:
         cfg = self.model.cfg
         group = cfg.num_heads // cfg.num_kv_heads
-        tuning = decode_tuning(size, cfg.num_kv_heads, group, self.kv.window, self.sm_count)
+        tuning = decode_tuning(
+            size, cfg.num_kv_heads, group, self.kv.window, self.sm_count, self.gemv
+        )
         tokens, positions, slots = (
             self.inputs[0, :size],
             self.inputs[1, :size],

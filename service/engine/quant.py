@@ -27,10 +27,6 @@ class Int4Weight:
     scales_zeros: torch.Tensor  # [in / group, out, 2]: scale, zero (activation dtype)
     group: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_zeros))
-
 
 @dataclass(frozen=True)
 class Int8Weight:
