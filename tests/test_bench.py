@@ -33,9 +33,11 @@ def test_bench_flags_parse_a_list_of_session_counts():
     assert args.sessions == [1, 4, 16] and args.quant == "int4" and args.target == "engine"
 
 
-def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys):
-    from service.cli import main
+def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys, monkeypatch):
+    from service import cli
 
-    assert main(["bench", "--quant", "int8", "--no-save"]) == 2
+    # main() would point the process-wide structlog at this test's captured stderr.
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    assert cli.main(["bench", "--quant", "int8", "--no-save"]) == 2
     err = capsys.readouterr().err
     assert "quant='int8': must be one of none, int4" in err and "Traceback" not in err

@@ -238,8 +238,8 @@ class TurnResponder:
         try:
             self._send(outputs, error, final)
         except Exception:
-            log.exception("sending a response failed; the request is abandoned")
             self.abandoned.set()
+            log.exception("sending a response failed; the request is abandoned")
 
     def _take(self) -> Outputs:
         text, ids = "".join(self._text), self._ids
@@ -281,8 +281,8 @@ class SendQueue:
             try:
                 send(*args)
             except Exception:
+                abandoned.set()  # first: the log call below may fail too
                 log.exception("sending a response failed; the request is abandoned")
-                abandoned.set()
 
 
 class CancelWatcher:
