@@ -259,7 +259,7 @@ def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
     return out
 
 
-def runner_for(model: Llama, sessions: int, window: int, dev: torch.device):
+def runner_for(model: Llama, sessions: int, window: int, dev: torch.device, **kw):
     from service.engine.cuda_runner import CudaGraphRunner
 
     config = EngineConfig(
@@ -269,7 +269,7 @@ def runner_for(model: Llama, sessions: int, window: int, dev: torch.device):
         window=window,
         max_sessions=sessions,
     )
-    return CudaGraphRunner(config, model, sm_count=None if dev.type == "cuda" else 8)
+    return CudaGraphRunner(config, model, sm_count=None if dev.type == "cuda" else 8, **kw)
 
 
 def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
@@ -363,6 +363,14 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     }
 
     ours = decode_rate(runner, [t0 + 1], steps, dev)
+    # The same step without programmatic dependent launch, same cache contents.
+    plain = runner_for(model, 1, window, dev, pdl=False)
+    for dst, src in ((plain.kv.k, kv.k), (plain.kv.v, kv.v), ([plain.kv.kpos], [kv.kpos])):
+        for d, s_ in zip(dst, src, strict=True):
+            d.copy_(s_)
+    ours["pdl"] = runner.pdl
+    ours["without_pdl"] = decode_rate(plain, [t0 + 1], steps, dev)
+    del plain
     state = {"tok": 17}
 
     def ref_step() -> None:

@@ -11,8 +11,9 @@ chunks) take the eager PyTorch path of `Llama.forward`.
 
 Decode attention reads the cache in place by slot index (`sink_attention`); the
 residual/norm and SiLU steps are fused Triton kernels (`fused_ops`), as is the GEMV that
-batch-1 steps run their layer projections through. With graphs off (a CPU device under
-TRITON_INTERPRET=1, for tests) the same body runs eagerly.
+batch-1 steps run their layer projections through. On Hopper and later these kernels use
+programmatic dependent launch: each starts while its predecessor finishes. With graphs off
+(a CPU device under TRITON_INTERPRET=1, for tests) the same body runs eagerly.
 """
 
 from __future__ import annotations
@@ -39,20 +40,24 @@ from service.engine.sink_attention import AttnConfig, attention_config, decode_a
 
 @dataclass(frozen=True)
 class DecodeTuning:
-    """What one batch bucket's decode step launches: attention shape, GEMV or cuBLAS."""
+    """What one batch bucket's decode step launches: attention shape, GEMV or cuBLAS, and
+    whether its Triton kernels use programmatic dependent launch."""
 
     attn: AttnConfig
     gemv: bool
+    pdl: bool = False
 
 
 def decode_tuning(
-    rows: int, kv_heads: int, group: int, window: int, sm_count: int, gemv: bool
+    rows: int, kv_heads: int, group: int, window: int, sm_count: int, gemv: bool, pdl: bool
 ) -> DecodeTuning:
     """`gemv`: batch-1 steps run the layer projections through the Triton GEMV (SiLU fused
     into the down projection) instead of cuBLAS, closer to copy bandwidth on an H200
-    (branch cuda2's bench/gpu_sweep.py)."""
+    (branch cuda2's bench/gpu_sweep.py). `pdl`: each Triton kernel may launch while its
+    predecessor runs and read its weights (attention: its first K/V tile) before waiting
+    for it (see `fused_ops`), which hides the gap between a step's ~200 kernels."""
     attn = attention_config(rows, kv_heads, group, window, sm_count)
-    return DecodeTuning(attn, gemv=gemv and rows == 1)
+    return DecodeTuning(attn, gemv=gemv and rows == 1, pdl=pdl)
 
 
 def decode_forward(
@@ -70,10 +75,11 @@ def decode_forward(
     `decode_attention`)."""
     cfg = model.cfg
     b, nh, hd = tokens.shape[0], cfg.num_heads, cfg.head_dim
+    pdl = tuning.pdl
 
     def linear(a: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         if tuning.gemv and bias is None and isinstance(w, torch.Tensor):
-            return gemv(a, w)
+            return gemv(a, w, pdl=pdl)
         return dense_linear(a, w, bias)
 
     limit = kv.sinks + kv.window
@@ -84,7 +90,7 @@ def decode_forward(
     x = F.embedding(tokens, model.embed)  # the residual stream, updated in place
     delta = None
     for li, layer in enumerate(model.layers):
-        h = add_rms_norm(x, delta, layer.attn_norm, cfg.rms_eps)
+        h = add_rms_norm(x, delta, layer.attn_norm, cfg.rms_eps, pdl=pdl)
         qkv = linear(h, layer.wqkv, layer.bqkv)
         attn = torch.empty(b, nh, hd, dtype=x.dtype, device=x.device)
         decode_attention(
@@ -101,15 +107,16 @@ def decode_forward(
             config=tuning.attn,
             sm_scale=1.0,  # Llama folds hd^-0.5 into the q rows of wqkv
             counters=counters,
+            pdl=pdl,
         )
         delta = linear(attn.view(b, nh * hd), layer.wo)
-        h = add_rms_norm(x, delta, layer.ffn_norm, cfg.rms_eps)
+        h = add_rms_norm(x, delta, layer.ffn_norm, cfg.rms_eps, pdl=pdl)
         gate_up = linear(h, layer.w_gate_up)
         if tuning.gemv and isinstance(layer.w_down, torch.Tensor):
-            delta = gemv(gate_up, layer.w_down, silu=True)
+            delta = gemv(gate_up, layer.w_down, silu=True, pdl=pdl)
         else:
-            delta = dense_linear(silu_mul(gate_up), layer.w_down)
-    h = add_rms_norm(x, delta, model.norm, cfg.rms_eps)
+            delta = dense_linear(silu_mul(gate_up, pdl=pdl), layer.w_down)
+    h = add_rms_norm(x, delta, model.norm, cfg.rms_eps, pdl=pdl)
     # Positions are committed once every layer has read the old ones.
     kv.kpos[slots, kv.cache_index(positions)] = positions
     return dense_linear(h.to(model.lm_head.dtype), model.lm_head)
@@ -134,16 +141,20 @@ class CudaGraphRunner(TorchRunner):
         graphs: bool | None = None,
         sm_count: int | None = None,
         gemv: bool = True,
+        pdl: bool | None = None,
     ) -> None:
         super().__init__(config, model, extra_slots=1)
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs
         self.gemv = gemv  # see `decode_tuning`
+        cuda = dev.type == "cuda"
         if sm_count is None:  # off CUDA (interpreter tests): as if 8 SMs, to split the window
-            cuda = dev.type == "cuda"
             sm_count = torch.cuda.get_device_properties(dev).multi_processor_count if cuda else 8
         self.sm_count = sm_count
+        if pdl is None:  # programmatic dependent launch needs Hopper (sm_90) or later
+            pdl = cuda and torch.cuda.get_device_capability(dev)[0] >= 9
+        self.pdl = pdl
         size, self.bucket_sizes = 1, []
         while size < config.max_sessions:
             self.bucket_sizes.append(size)
@@ -231,7 +242,7 @@ class CudaGraphRunner(TorchRunner):
         cfg = self.model.cfg
         group = cfg.num_heads // cfg.num_kv_heads
         tuning = decode_tuning(
-            size, cfg.num_kv_heads, group, self.kv.window, self.sm_count, self.gemv
+            size, cfg.num_kv_heads, group, self.kv.window, self.sm_count, self.gemv, self.pdl
         )
         tokens, positions, slots = (
             self.inputs[0, :size],

@@ -21,6 +21,9 @@ Flash-decoding in one launch, grid (rows, kv_heads, splits):
 Scores and values go through `tl.dot` on tiles of 16 query rows (g real ones); with one
 query head per KV head (g = 1) `AttnConfig.dot = False` takes plain multiply-and-sum.
 
+With programmatic dependent launch (`pdl`, see `fused_ops`) each split reads its first
+tile of keys and values before waiting on the projection that produces its queries.
+
 Queries and the new key arrive unrotated in the fused qkv projection; RoPE is applied in
 the kernel from per-row float32 cos/sin tables (angles computed in float64 upstream).
 The rotate-half layout is handled by working on the two halves of the head dimension.
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from service.engine.fused_ops import pdl_enter, pdl_options
 
 LOG2E = 1.4426950408889634
 
@@ -80,16 +85,32 @@ def _weighted(p, v, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(
-    q1, q2, k_ptr, v_ptr, offs, cmask, vis, m_i, l_i, acc1, acc2,
-    HALF: tl.constexpr, USE_DOT: tl.constexpr,
-):  # fmt: skip
-    """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
-    query halves are already rotated and scaled for these keys."""
+def _load_tile(k_ptr, v_ptr, offs, cmask, HALF: tl.constexpr):
+    """A tile's key and value halves, all four loads issued together."""
     k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
     k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
     v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
     v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
+    return k1, k2, v1, v2
+
+
+@triton.jit
+def _window_tile(k_ptr, v_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Window columns [n0, n0 + BLOCK_N) below `end`: K/V halves and visibility."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    cmask = cols < end
+    kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
+    vis = (kp >= 0) & (kp < pos) & (kp >= pos - W)
+    offs = kv_base + cols[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
+    k1, k2, v1, v2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
+    return k1, k2, v1, v2, vis
+
+
+@triton.jit
+def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr):
+    """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
+    query halves are already rotated and scaled for these keys."""
     s = _scores(q1, q2, k1, k2, USE_DOT)
     s = tl.where(vis[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -134,6 +155,7 @@ def _decode_kernel(
     SPLIT_LEN: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     h = tl.program_id(1)
@@ -142,6 +164,19 @@ def _decode_kernel(
     c_len: tl.constexpr = S + W
     slot = tl.load(slots_ptr + row)
     pos = tl.load(pos_ptr + row)
+    kv_base = slot.to(tl.int64) * cache_slot_stride + h * cache_head_stride
+    kpos_base = kpos_ptr + slot.to(tl.int64) * c_len
+
+    # Window columns of this split: [start, end), capped at the row's position (a cache
+    # younger than S + W tokens fills indexes [0, t) in order). The first tile is read
+    # before waiting on the qkv projection: no kernel of this step writes the cache
+    # before this one (see fused_ops on programmatic dependent launch).
+    start = S + sp * SPLIT_LEN
+    end = tl.minimum(tl.minimum(start + SPLIT_LEN, c_len), pos)
+    k1, k2, v1, v2, vis = _window_tile(
+        k_ptr, v_ptr, kpos_base, kv_base, start, end, pos, W, HALF, BLOCK_N
+    )
+    pdl_enter(PDL)
 
     r = tl.arange(0, GP)
     d = tl.arange(0, HALF)
@@ -159,24 +194,16 @@ def _decode_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc1 = tl.zeros([GP, HALF], tl.float32)
     acc2 = tl.zeros([GP, HALF], tl.float32)
-
-    kv_base = slot.to(tl.int64) * cache_slot_stride + h * cache_head_stride
-    kpos_base = kpos_ptr + slot.to(tl.int64) * c_len
-    n = tl.arange(0, BLOCK_N)
-
-    # Window columns of this split: [start, end), capped at the row's position (a cache
-    # younger than S + W tokens fills indexes [0, t) in order).
-    start = S + sp * SPLIT_LEN
-    end = tl.minimum(tl.minimum(start + SPLIT_LEN, c_len), pos)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + n
-        cmask = cols < end
-        kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
-        vis = (kp >= 0) & (kp < pos) & (kp >= pos - W)
-        offs = kv_base + cols[:, None] * hd + d[None, :]
-        m_i, l_i, acc1, acc2 = _attend_tile(
-            qa1, qa2, k_ptr, v_ptr, offs, cmask, vis, m_i, l_i, acc1, acc2, HALF, USE_DOT
+    m_i, l_i, acc1, acc2 = _fold_tile(
+        qa1, qa2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT
+    )  # fmt: skip
+    for n0 in range(start + BLOCK_N, end, BLOCK_N):
+        k1, k2, v1, v2, vis = _window_tile(
+            k_ptr, v_ptr, kpos_base, kv_base, n0, end, pos, W, HALF, BLOCK_N
         )
+        m_i, l_i, acc1, acc2 = _fold_tile(
+            qa1, qa2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT
+        )  # fmt: skip
 
     if sp == 0:
         if S > 0:
@@ -188,9 +215,10 @@ def _decode_kernel(
             kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
             vis = (kp >= 0) & (kp < pos)
             offs = kv_base + cols[:, None] * hd + d[None, :]
-            m_i, l_i, acc1, acc2 = _attend_tile(
-                qs1 * qk_scale, qs2 * qk_scale, k_ptr, v_ptr, offs, cmask, vis,
-                m_i, l_i, acc1, acc2, HALF, USE_DOT,
+            k1, k2, v1, v2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
+            m_i, l_i, acc1, acc2 = _fold_tile(
+                qs1 * qk_scale, qs2 * qk_scale, k1, k2, v1, v2, vis,
+                m_i, l_i, acc1, acc2, USE_DOT,
             )  # fmt: skip
         # The token's own key and value (always visible).
         kn_base = qkv_ptr + row * qkv_row_stride + (NUM_HEADS + h) * hd + d
@@ -302,6 +330,7 @@ def decode_attention(
     config: AttnConfig,
     sm_scale: float,
     counters: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """Attention of one decode token per row, then store its K/V at its ring index.
 
@@ -313,7 +342,8 @@ def decode_attention(
     zeroed (allocated here when not given). They carry state from launch to launch: a
     CUDA graph that captured this call holds their address, not the tensor, so its owner
     must keep them alive (CudaGraphRunner.counters). `kpos` is not updated here (the
-    caller commits positions once every layer has run).
+    caller commits positions once every layer has run). `pdl`: launch as a programmatic
+    dependent of the previous kernel (Hopper and later; see `fused_ops`).
     """
     b, nh, hd = out.shape
     nkv = k_cache.shape[1]
@@ -362,6 +392,8 @@ def decode_attention(
         SPLIT_LEN=split_len,
         BLOCK_N=block_n,
         USE_DOT=use_dot,
+        PDL=pdl,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_options(pdl),
     )
