@@ -2,10 +2,11 @@
 
     python3 bench/gpu_breakdown.py [--out DIR]
 
-Times each kernel of one layer inside a CUDA graph (triton.testing.do_bench_cudagraph):
-the four projections (achieved bandwidth over their weight bytes), the attention kernel
-at a full 4+2044 cache for several window splits, the fused norm and SiLU kernels; then
-the per-step sum against the roofline.
+Times each kernel of one layer alone inside a CUDA graph (triton.testing.do_bench_cudagraph,
+without programmatic dependent launch): the four projections (achieved bandwidth over their
+weight bytes), the attention kernel at a full 4+2044 cache with the runner's launch shape
+and several others, the fused norm and SiLU kernels; then the per-step sum (runner's
+shapes) against the roofline.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu import copy_bandwidth
 from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
 from service.engine.rope import cos_sin, inv_frequencies
-from service.engine.sink_attention import AttnConfig, decode_attention
+from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
 
 
 def bench_ms(fn) -> float:
@@ -41,10 +43,7 @@ def main() -> None:
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=dev, dtype=bf) * 0.02
 
-    bufs = [torch.randint(0, 255, (1 << 32,), dtype=torch.uint8, device=dev)]
-    bufs.append(torch.empty_like(bufs[0]))
-    copy_bw = 2 * bufs[0].numel() / (bench_ms(lambda: bufs[1].copy_(bufs[0])) / 1e3)
-    bufs.clear()
+    copy_bw = copy_bandwidth(dev, 1 << 32)  # as bench/gpu.py measures it
     x = rnd(1, h)
     out: dict = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
     projections = {}
@@ -83,30 +82,30 @@ def main() -> None:
     kv_bytes = 2 * kc[0].numel() * 2
     attn = {}
     counters = torch.zeros(nkv, dtype=torch.int32, device=dev)
+    sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+    configs = {"runner": attention_config(1, nkv, nh // nkv, w, sm_count)}
     for splits in (4, 8, 16, 32):
         for block_n in (32, 64, 128):
+            configs[f"splits{splits}_block{block_n}"] = AttnConfig(splits, block_n)
+    for name, config in configs.items():
 
-            def run(splits=splits, block_n=block_n):
-                positions.fill_(t0)  # the kernel stores at t0's ring index; reads stay the same
-                decode_attention(
-                    qkv, rope, kc, vc, kpos, slots, positions, o, sinks=s, window=w,
-                    config=AttnConfig(splits, block_n), sm_scale=hd**-0.5, counters=counters,
-                )  # fmt: skip
+        def run(config=config):
+            positions.fill_(t0)  # the kernel stores at t0's ring index; reads stay the same
+            decode_attention(
+                qkv, rope, kc, vc, kpos, slots, positions, o, sinks=s, window=w,
+                config=config, sm_scale=hd**-0.5, counters=counters,
+            )  # fmt: skip
 
-            ms = bench_ms(run)
-            attn[f"splits{splits}_block{block_n}"] = {
-                "us": ms * 1e3,
-                "GBps": kv_bytes / (ms / 1e3) / 1e9,
-            }
+        ms = bench_ms(run)
+        attn[name] = {"us": ms * 1e3, "GBps": kv_bytes / (ms / 1e3) / 1e9}
     out["attention_one_layer"] = attn
     norm_w = torch.ones(h, device=dev, dtype=bf)
     out["add_rms_norm_us"] = bench_ms(lambda: add_rms_norm(x, x, norm_w, 1e-5)) * 1e3
     gu = rnd(1, 2 * ffn)
     out["silu_mul_us"] = bench_ms(lambda: silu_mul(gu)) * 1e3
-    best_attn = min(v["us"] for v in attn.values())
     per_layer = (
         sum(projections[k]["us"] for k in ("wqkv", "wo", "w_gate_up", "w_down"))
-        + best_attn
+        + attn["runner"]["us"]
         + 2 * out["add_rms_norm_us"]
         + out["silu_mul_us"]
     )

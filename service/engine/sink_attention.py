@@ -213,11 +213,12 @@ def _decode_kernel(
             cols = tl.arange(0, SP)
             cmask = cols < S
             kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
-            vis = (kp >= 0) & (kp < pos)
+            svis = (kp >= 0) & (kp < pos)
             offs = kv_base + cols[:, None] * hd + d[None, :]
-            k1, k2, v1, v2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
+            # Own names: Triton rejects rebinding the window tile's names to sink shapes.
+            sk1, sk2, sv1, sv2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
             m_i, l_i, acc1, acc2 = _fold_tile(
-                qs1 * qk_scale, qs2 * qk_scale, k1, k2, v1, v2, vis,
+                qs1 * qk_scale, qs2 * qk_scale, sk1, sk2, sv1, sv2, svis,
                 m_i, l_i, acc1, acc2, USE_DOT,
             )  # fmt: skip
         # The token's own key and value (always visible).
@@ -306,12 +307,13 @@ def attention_config(
     Small batches split the window so that rows * kv_heads * splits covers the SMs about
     four times over; large ones still take at least two splits (8B shape, 64 rows: two
     beat one and four). One row with one query head per KV head (7B shape): 128-key tiles
-    of multiply-and-sum on two warps (16.6 us a layer against 19.7 for the two-launch
-    kernel and 22.7 for tensor-core tiles)."""
+    of multiply-and-sum on four warps (a chain of 32 layers in a CUDA graph: 16.5 us a
+    layer with PDL, 17.1 without; two warps spill the tile read before `gdc_wait`, 36.6;
+    tensor-core tiles took 22.7 before PDL)."""
     want = -(-4 * sm_count // (rows * kv_heads))
     splits = max(2, min(want, -(-window // 64)))
     if group == 1 and rows == 1:
-        return AttnConfig(splits=splits, block_n=128, num_warps=2, num_stages=1, dot=False)
+        return AttnConfig(splits=splits, block_n=128, num_warps=4, num_stages=1, dot=False)
     return AttnConfig(splits=splits)
 
 
