@@ -23,11 +23,19 @@ import torch.nn.functional as F
 
 from service.config import QUANTS
 from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
-from service.engine.quant import Weight, can_quantize, linear, quantize_int4, quantize_int8
+from service.engine.quant import (
+    PackedF32Weight,
+    Weight,
+    can_quantize,
+    linear,
+    pack_f32,
+    quantize_int4,
+    quantize_int8,
+)
 from service.engine.rope import inv_frequencies, rope_tables
 from service.engine.weights import ModelConfig
 
-HEAD_INT8_ROWS = 16  # see Llama.lm_head
+HEAD_INT8_ROWS = 8  # see Llama.lm_head
 
 
 @dataclass
@@ -82,14 +90,17 @@ class Llama:
         self.embed = get("embed")
         # The residual stream and the norms stay float32 whatever the weights' dtype.
         self.norm = tensors["norm"].to(device=device, dtype=torch.float32)
-        # The output head on CPU: float32 (sgemm beats bfloat16 plus the logits' upcast at
-        # every batch size). With int4 also a per-row int8 copy for steps of fewer than
-        # HEAD_INT8_ROWS logit rows, where reading a quarter of the bytes pays (2 cores:
-        # 1.2 vs 2.7 ms at 1 row, even at 16, 17 vs 11 ms at 32). GGUF files keep the head
-        # at 6-8 bits: int4 there costs several percent of perplexity, int8 almost nothing.
-        head = self.embed if cfg.tie_embeddings else get("lm_head")
-        self.lm_head = head.float() if device.type == "cpu" else head
-        self.lm_head_int8 = quantize_int8(head, dtype) if quant == "int4" else None
+        # The output head. `lm_head` in the model's dtype (what the CUDA runner reads);
+        # `head` is what `forward` uses: on CPU float32 prepacked for oneDNN (float32 beats
+        # bfloat16 plus the logits' upcast at every batch size, and the packed layout beats
+        # sgemm from 4 rows on). With int4 also a per-row int8 copy for steps of fewer than
+        # HEAD_INT8_ROWS logit rows, where reading a quarter of the bytes pays (SmolLM2,
+        # 2 cores, the head not in cache, int8 / packed float32: 1 row 2.5 / 4.4 ms, 6 rows
+        # 5.1 / 5.3, 8 rows 5.9 / 5.7, 32 rows 19.3 / 10.0). GGUF files keep the head at
+        # 6-8 bits: int4 there costs several percent of perplexity, int8 almost nothing.
+        self.lm_head = self.embed if cfg.tie_embeddings else get("lm_head")
+        self.head: Weight = pack_f32(self.lm_head) if device.type == "cpu" else self.lm_head
+        self.lm_head_int8 = quantize_int8(self.lm_head, dtype) if quant == "int4" else None
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"layers.{i}."
@@ -152,7 +163,8 @@ class Llama:
         out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps)
         if self.lm_head_int8 is not None and out.shape[0] < HEAD_INT8_ROWS:
             return linear(out.to(dt), self.lm_head_int8).float()
-        return linear(out.to(self.lm_head.dtype), self.lm_head).float()
+        head_in = out if isinstance(self.head, PackedF32Weight) else out.to(dt)
+        return linear(head_in, self.head).float()
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

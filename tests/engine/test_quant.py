@@ -12,7 +12,7 @@ import torch
 from service.config import ConfigError, EngineConfig
 from service.engine.model import Llama
 from service.engine.perplexity import read_text
-from service.engine.quant import linear, quantize_int4
+from service.engine.quant import DENSE_ROWS, linear, quantize_int4
 from service.engine.runner import TorchRunner
 from service.engine.scheduler import StepItem
 from service.engine.weights import default_model_path, load_checkpoint
@@ -32,6 +32,33 @@ def test_int4_matmul_matches_a_q4_1_shaped_weight_up_to_bfloat16_rounding():
     got = linear(x, quantize_int4(w, torch.bfloat16)).float()
     want = x.float() @ w.t()
     assert (got - want).abs().max().item() <= 0.01 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("rows", [1, DENSE_ROWS - 1, DENSE_ROWS, 3 * DENSE_ROWS])
+def test_int4_linear_equals_the_dequantized_weight_on_both_sides_of_the_dense_switch(rows):
+    """Below DENSE_ROWS rows the packed kernel runs, from DENSE_ROWS on the float32 copy:
+    both must compute x @ W.T for W = the per-group (code - 8) * scale + zero, which the
+    test rebuilds from the weight on its own (naive loops over groups)."""
+    g = torch.Generator().manual_seed(1)
+    n, k, group = 48, 96, 32
+    w = torch.randn(n, k, generator=g) * 0.05
+    q4 = quantize_int4(w, torch.bfloat16)
+    want_w = torch.empty(n, k)
+    for r in range(n):
+        for c0 in range(0, k, group):
+            block = w[r, c0 : c0 + group]
+            lo, hi = block.min(), block.max()
+            scale = torch.tensor(((hi - lo) / 15).item()).bfloat16().float()
+            zero = (lo + 8 * scale).bfloat16().float()
+            codes = ((block - lo) / scale).round().clamp(0, 15)
+            want_w[r, c0 : c0 + group] = (codes - 8) * scale + zero
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    want = x.float() @ want_w.t() + bias.float()
+    got = linear(x, q4, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    err = (got.float() - want).abs().max().item()
+    assert err <= 0.02 * want.abs().max().item(), err
 
 
 def test_int4_needs_bfloat16_on_cpu():
