@@ -97,6 +97,15 @@ def median_time(fn: Callable[[], object], dev: torch.device, reps: int, warmup: 
     return statistics.median(times)
 
 
+def save_result(out_dir: str, prefix: str, device: str, result: dict) -> None:
+    """Print `result` and write it to <out_dir>/<prefix>-<device slug>.json."""
+    text = json.dumps(result, indent=2)
+    slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / f"{prefix}-{slug}.json").write_text(text + "\n")
+    print(text)
+
+
 def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
     """Bytes read + written per second by a device-to-device copy of nbytes."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev)
@@ -490,12 +499,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         print(json.dumps({key: result[key]}), flush=True)
-    text = json.dumps(result, indent=2)
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu-{slug}.json").write_text(text + "\n")
-    print(text)
+    save_result(args.out, "gpu", name, result)
 
 
 if __name__ == "__main__":

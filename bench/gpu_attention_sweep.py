@@ -11,7 +11,6 @@ alone: the difference is what the attention costs inside a step, overlap include
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu import save_result
 from service.engine.fused_ops import gemv
 from service.engine.rope import cos_sin, inv_frequencies
 from service.engine.sink_attention import AttnConfig, decode_attention
@@ -82,11 +82,7 @@ def main() -> None:
     }
     per_layer["gemv_only"] = layer_us(None)
     out = {"device": torch.cuda.get_device_name(dev), "us_per_layer": per_layer}
-    text = json.dumps(out, indent=2)
-    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"gpu-attention-sweep-{slug}.json").write_text(text + "\n")
-    print(text)
+    save_result(args.out, "gpu-attention-sweep", out["device"], out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ shapes) against the roofline.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import copy_bandwidth
+from bench.gpu import copy_bandwidth, save_result
 from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
 from service.engine.rope import cos_sin, inv_frequencies
 from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
@@ -113,11 +112,7 @@ def main() -> None:
     roof_ms = (weights + layers * (kv_bytes + (s + w) * 8)) / copy_bw * 1e3
     out["sum_of_kernels_ms"] = (layers * per_layer + projections["lm_head"]["us"]) / 1e3
     out["roofline_ms"] = roof_ms
-    text = json.dumps(out, indent=2)
-    slug = "".join(c if c.isalnum() else "-" for c in out["device"].lower()).strip("-")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"gpu-breakdown-{slug}.json").write_text(text + "\n")
-    print(text)
+    save_result(args.out, "gpu-breakdown", out["device"], out)
 
 
 if __name__ == "__main__":
