@@ -22,7 +22,8 @@ Scores and values go through `tl.dot` on tiles of 16 query rows (g real ones); w
 query head per KV head (g = 1) `AttnConfig.dot = False` takes plain multiply-and-sum.
 
 With programmatic dependent launch (`pdl`, see `fused_ops`) each split reads its first
-tile of keys and values before waiting on the projection that produces its queries.
+tile of keys (and their positions) before waiting on the projection that produces its
+queries.
 
 Queries and the new key arrive unrotated in the fused qkv projection; RoPE is applied in
 the kernel from per-row float32 cos/sin tables (angles computed in float64 upstream).
@@ -168,15 +169,24 @@ def _decode_kernel(
     kpos_base = kpos_ptr + slot.to(tl.int64) * c_len
 
     # Window columns of this split: [start, end), capped at the row's position (a cache
-    # younger than S + W tokens fills indexes [0, t) in order). The first tile is read
-    # before waiting on the qkv projection: no kernel of this step writes the cache
-    # before this one (see fused_ops on programmatic dependent launch).
+    # younger than S + W tokens fills indexes [0, t) in order). The first tile's keys are
+    # read before waiting on the qkv projection: no kernel of this step writes the cache
+    # before this one (see fused_ops on programmatic dependent launch). Own names
+    # (wcols, ...): Triton rejects rebinding them to the sink tile's shapes below.
     start = S + sp * SPLIT_LEN
     end = tl.minimum(tl.minimum(start + SPLIT_LEN, c_len), pos)
-    k1, k2, v1, v2, vis = _window_tile(
-        k_ptr, v_ptr, kpos_base, kv_base, start, end, pos, W, HALF, BLOCK_N
-    )
+    wcols = start + tl.arange(0, BLOCK_N)
+    wmask = wcols < end
+    woffs = kv_base + wcols[:, None] * hd + tl.arange(0, HALF)[None, :]
+    wkp = tl.load(kpos_base + wcols, mask=wmask, other=-1)
+    vis = (wkp >= 0) & (wkp < pos) & (wkp >= pos - W)
+    k1 = tl.load(k_ptr + woffs, mask=wmask[:, None], other=0.0)
+    k2 = tl.load(k_ptr + woffs + HALF, mask=wmask[:, None], other=0.0)
     pdl_enter(PDL)
+    # Values after the wait: holding them too across it cost more (fewer resident
+    # programs) than their overlap won (bench/gpu_attention_sweep.py, H200).
+    v1 = tl.load(v_ptr + woffs, mask=wmask[:, None], other=0.0)
+    v2 = tl.load(v_ptr + woffs + HALF, mask=wmask[:, None], other=0.0)
 
     r = tl.arange(0, GP)
     d = tl.arange(0, HALF)
@@ -307,9 +317,8 @@ def attention_config(
     Small batches split the window so that rows * kv_heads * splits covers the SMs about
     four times over; large ones still take at least two splits (8B shape, 64 rows: two
     beat one and four). One row with one query head per KV head (7B shape): 128-key tiles
-    of multiply-and-sum on four warps (a chain of 32 layers in a CUDA graph: 16.5 us a
-    layer with PDL, 17.1 without; two warps spill the tile read before `gdc_wait`, 36.6;
-    tensor-core tiles took 22.7 before PDL)."""
+    of multiply-and-sum on four warps (bench/gpu_attention_sweep.py: 15.5 us a layer on
+    top of the projections, two warps 41.6; tensor-core tiles took 22.7 alone before PDL)."""
     want = -(-4 * sm_count // (rows * kv_heads))
     splits = max(2, min(want, -(-window // 64)))
     if group == 1 and rows == 1:
