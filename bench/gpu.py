@@ -374,9 +374,9 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     ours = decode_rate(runner, [t0 + 1], steps, dev)
     # The same step without programmatic dependent launch, same cache contents.
     plain = runner_for(model, 1, window, dev, pdl=False)
-    for dst, src in ((plain.kv.k, kv.k), (plain.kv.v, kv.v), ([plain.kv.kpos], [kv.kpos])):
-        for d, s_ in zip(dst, src, strict=True):
-            d.copy_(s_)
+    caches = [*kv.k, *kv.v, kv.kpos]
+    for dst, src in zip([*plain.kv.k, *plain.kv.v, plain.kv.kpos], caches, strict=True):
+        dst.copy_(src)
     ours["pdl"] = runner.pdl
     ours["without_pdl"] = decode_rate(plain, [t0 + 1], steps, dev)
     del plain

@@ -45,7 +45,7 @@ class DecodeTuning:
 
     attn: AttnConfig
     gemv: bool
-    pdl: bool = False
+    pdl: bool
 
 
 def decode_tuning(

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from service.config import QUANTS
 from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
 from service.engine.quant import (
-    PackedF32Weight,
     Weight,
     can_quantize,
     linear,
@@ -161,10 +160,10 @@ class Llama:
             x = x + linear(F.silu(gate) * up, layer.w_down)
         kv.commit_positions(plan)
         out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps)
+        head = self.head  # float32 logits whichever head: linear casts out as it needs
         if self.lm_head_int8 is not None and out.shape[0] < HEAD_INT8_ROWS:
-            return linear(out.to(dt), self.lm_head_int8).float()
-        head_in = out if isinstance(self.head, PackedF32Weight) else out.to(dt)
-        return linear(head_in, self.head).float()
+            head = self.lm_head_int8
+        return linear(out, head).float()
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -40,6 +40,7 @@ class PackedF32Weight:
 
 
 def pack_f32(w: torch.Tensor) -> PackedF32Weight:
+    """`w` as float32 in oneDNN's blocked layout (see the module doc)."""
     return PackedF32Weight(torch.ops.mkldnn._reorder_linear_weight(w.float(), PACK_ROWS_HINT))
 
 
@@ -104,16 +105,20 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> In
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w.T (+ bias), for a dense or an int4 weight; the result in x's dtype."""
-    if isinstance(w, torch.Tensor):
-        return F.linear(x, w, bias)
+    """x [T, K] @ w.T (+ bias) for any `Weight`. A dense, int8 or packed weight takes x in
+    any float dtype (cast where it differs from the one the weight computes in; the int4
+    kernel needs the activation dtype). The result is in the dtype the weight computes
+    in, except for the float32 copies, which answer in x's dtype so that both paths of an
+    int4 weight agree."""
     if isinstance(w, Int4Weight) and x.shape[0] >= DENSE_ROWS:
         w = w.dense
+    if isinstance(w, torch.Tensor):
+        return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
     if isinstance(w, PackedF32Weight):
         y = torch.ops.mkldnn._linear_pointwise(x.float(), w.packed, None, "none", [], "")
         y = y.to(x.dtype)
     elif isinstance(w, Int8Weight):
-        y = torch.ops.aten._weight_int8pack_mm(x, w.codes, w.scales)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(w.scales.dtype), w.codes, w.scales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scales_zeros)
     return y if bias is None else y + bias

@@ -86,26 +86,25 @@ def _weighted(p, v, USE_DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(k_ptr, v_ptr, offs, cmask, HALF: tl.constexpr):
-    """A tile's key and value halves, all four loads issued together."""
-    k1 = tl.load(k_ptr + offs, mask=cmask[:, None], other=0.0)
-    k2 = tl.load(k_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-    v1 = tl.load(v_ptr + offs, mask=cmask[:, None], other=0.0)
-    v2 = tl.load(v_ptr + offs + HALF, mask=cmask[:, None], other=0.0)
-    return k1, k2, v1, v2
+def _halves(ptr, offs, cmask, HALF: tl.constexpr):
+    """Both halves of the head dimension of a tile of keys (or values)."""
+    x1 = tl.load(ptr + offs, mask=cmask[:, None], other=0.0)
+    x2 = tl.load(ptr + offs + HALF, mask=cmask[:, None], other=0.0)
+    return x1, x2
 
 
 @triton.jit
-def _window_tile(k_ptr, v_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,
+def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,
                  HALF: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Window columns [n0, n0 + BLOCK_N) below `end`: K/V halves and visibility."""
+    """Window columns [n0, n0 + BLOCK_N) below `end`: their offsets, mask, visibility
+    and key halves (the values are loaded from the same offsets)."""
     cols = n0 + tl.arange(0, BLOCK_N)
     cmask = cols < end
     kp = tl.load(kpos_base + cols, mask=cmask, other=-1)
     vis = (kp >= 0) & (kp < pos) & (kp >= pos - W)
     offs = kv_base + cols[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
-    k1, k2, v1, v2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
-    return k1, k2, v1, v2, vis
+    k1, k2 = _halves(k_ptr, offs, cmask, HALF)
+    return offs, cmask, vis, k1, k2
 
 
 @triton.jit
@@ -172,21 +171,16 @@ def _decode_kernel(
     # younger than S + W tokens fills indexes [0, t) in order). The first tile's keys are
     # read before waiting on the qkv projection: no kernel of this step writes the cache
     # before this one (see fused_ops on programmatic dependent launch). Own names
-    # (wcols, ...): Triton rejects rebinding them to the sink tile's shapes below.
+    # (woffs, wmask): Triton rejects rebinding them to the sink tile's shapes below.
     start = S + sp * SPLIT_LEN
     end = tl.minimum(tl.minimum(start + SPLIT_LEN, c_len), pos)
-    wcols = start + tl.arange(0, BLOCK_N)
-    wmask = wcols < end
-    woffs = kv_base + wcols[:, None] * hd + tl.arange(0, HALF)[None, :]
-    wkp = tl.load(kpos_base + wcols, mask=wmask, other=-1)
-    vis = (wkp >= 0) & (wkp < pos) & (wkp >= pos - W)
-    k1 = tl.load(k_ptr + woffs, mask=wmask[:, None], other=0.0)
-    k2 = tl.load(k_ptr + woffs + HALF, mask=wmask[:, None], other=0.0)
+    woffs, wmask, vis, k1, k2 = _window_keys(
+        k_ptr, kpos_base, kv_base, start, end, pos, W, HALF, BLOCK_N
+    )
     pdl_enter(PDL)
     # Values after the wait: holding them too across it cost more (fewer resident
     # programs) than their overlap won (bench/gpu_attention_sweep.py, H200).
-    v1 = tl.load(v_ptr + woffs, mask=wmask[:, None], other=0.0)
-    v2 = tl.load(v_ptr + woffs + HALF, mask=wmask[:, None], other=0.0)
+    v1, v2 = _halves(v_ptr, woffs, wmask, HALF)
 
     r = tl.arange(0, GP)
     d = tl.arange(0, HALF)
@@ -208,9 +202,10 @@ def _decode_kernel(
         qa1, qa2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT
     )  # fmt: skip
     for n0 in range(start + BLOCK_N, end, BLOCK_N):
-        k1, k2, v1, v2, vis = _window_tile(
-            k_ptr, v_ptr, kpos_base, kv_base, n0, end, pos, W, HALF, BLOCK_N
+        woffs, wmask, vis, k1, k2 = _window_keys(
+            k_ptr, kpos_base, kv_base, n0, end, pos, W, HALF, BLOCK_N
         )
+        v1, v2 = _halves(v_ptr, woffs, wmask, HALF)
         m_i, l_i, acc1, acc2 = _fold_tile(
             qa1, qa2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT
         )  # fmt: skip
@@ -226,7 +221,8 @@ def _decode_kernel(
             svis = (kp >= 0) & (kp < pos)
             offs = kv_base + cols[:, None] * hd + d[None, :]
             # Own names: Triton rejects rebinding the window tile's names to sink shapes.
-            sk1, sk2, sv1, sv2 = _load_tile(k_ptr, v_ptr, offs, cmask, HALF)
+            sk1, sk2 = _halves(k_ptr, offs, cmask, HALF)
+            sv1, sv2 = _halves(v_ptr, offs, cmask, HALF)
             m_i, l_i, acc1, acc2 = _fold_tile(
                 qs1 * qk_scale, qs2 * qk_scale, sk1, sk2, sv1, sv2, svis,
                 m_i, l_i, acc1, acc2, USE_DOT,
