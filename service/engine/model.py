@@ -27,7 +27,7 @@ from service.engine.quant import (
     Weight,
     can_quantize,
     linear,
-    pack_f32,
+    pack,
     quantize_int4,
     quantize_int8,
 )
@@ -84,21 +84,25 @@ class Llama:
         def weight(w: torch.Tensor) -> Weight:
             if quant == "int4" and can_quantize(w):
                 return quantize_int4(w, dtype)
+            if device.type == "cpu" and dtype == torch.bfloat16:
+                return pack(w, dtype)  # oneDNN's layout, AMX where there is (see quant.py)
             return w
 
         self.embed = get("embed")
         # The residual stream and the norms stay float32 whatever the weights' dtype.
         self.norm = tensors["norm"].to(device=device, dtype=torch.float32)
         # The output head. `lm_head` in the model's dtype (what the CUDA runner reads);
-        # `head` is what `forward` uses: on CPU float32 prepacked for oneDNN (float32 beats
-        # bfloat16 plus the logits' upcast at every batch size, and the packed layout beats
-        # sgemm from 4 rows on). With int4 also a per-row int8 copy for steps of fewer than
-        # HEAD_INT8_ROWS logit rows, where reading a quarter of the bytes pays (SmolLM2,
-        # 2 cores, the head not in cache, int8 / packed float32: 1 row 2.5 / 4.4 ms, 6 rows
-        # 5.1 / 5.3, 8 rows 5.9 / 5.7, 32 rows 19.3 / 10.0). GGUF files keep the head at
-        # 6-8 bits: int4 there costs several percent of perplexity, int8 almost nothing.
+        # `head` is what `forward` uses: on CPU float32 prepacked for oneDNN, so that steps
+        # of many rows get float32 logits (a packed bfloat16 head is faster with AMX, 2.9
+        # against 8.4 ms at 32 rows, but answers in bfloat16). With int4 also a per-row
+        # int8 copy for steps of fewer than HEAD_INT8_ROWS logit rows, where reading a
+        # quarter of the bytes pays (SmolLM2, 2 cores, the head not in cache, int8 / packed
+        # float32: 1 row 2.5 / 4.4 ms, 6 rows 5.1 / 5.3, 8 rows 5.9 / 5.7, 32 rows 19.3 /
+        # 10.0). GGUF files keep the head at 6-8 bits: int4 there costs several percent of
+        # perplexity, int8 almost nothing.
         self.lm_head = self.embed if cfg.tie_embeddings else get("lm_head")
-        self.head: Weight = pack_f32(self.lm_head) if device.type == "cpu" else self.lm_head
+        on_cpu = device.type == "cpu"
+        self.head: Weight = pack(self.lm_head, torch.float32) if on_cpu else self.lm_head
         self.lm_head_int8 = quantize_int8(self.lm_head, dtype) if quant == "int4" else None
         self.layers = []
         for i in range(cfg.num_layers):

@@ -8,15 +8,15 @@ Q4_1 block (32 weights, w = d * q + m) has exactly this form, so Q4_1 checkpoint
 small batch sizes, where a decode step is bound by reading weights, that is what pays.
 
 From DENSE_ROWS rows on, a step is bound by arithmetic instead, and that kernel computes
-slower than float32, so each int4 weight also keeps its dequantized float32 copy for those
-steps, prepacked in oneDNN's blocked layout (`PackedF32Weight`): F.linear's sgemm repacks
-the whole weight on every call. 30 layers of SmolLM2 with distinct weights (as in a step:
-the float32 copies do not stay in cache), 2 cores, bfloat16 activations, conversions
-included, int4 / plain float32 / packed float32: 1 row 4.2 / 17.0 / 18.8 ms; 16 rows
-25.8 / 39.1 / 31.6; 32 rows 52.9 / 48.8 / 43.8; 64 rows 101.5 / 75.6 / 70.7. Both paths
-compute with the same weights: the copy holds exactly the values the codes stand
-for. It costs memory: 4 bytes a weight beside the half byte of the codes (SmolLM2-135M:
-+424 MB).
+slower than a dense matmul, so each int4 weight also keeps its dequantized copy in
+bfloat16 for those steps, prepacked in oneDNN's blocked layout (`PackedWeight`), which runs
+on AMX tiles where the CPU has them (F.linear repacks the whole weight on every call).
+30 layers of SmolLM2 with distinct weights (as in a step: they do not stay in cache),
+2 cores with AMX, int4 / packed bfloat16 (/ packed float32, the copy this replaced):
+1 row 3.8 / 12.3 ms; 8 rows 12.0 / 12.6; 12 rows 16.8 / 12.9; 32 rows 41.0 / 13.9 (46.1)
+(`python bench/cpu_linear.py`). The copy holds the values the codes stand for rounded to
+bfloat16 (an error below the one quantization made), and costs 2 bytes a weight beside
+the half byte of the codes (SmolLM2-135M: +212 MB).
 """
 
 from __future__ import annotations
@@ -28,20 +28,21 @@ import torch.nn.functional as F
 
 GROUP = 32
 INNER_K_TILES = 2
-DENSE_ROWS = 24  # steps of at least this many rows use Int4Weight.dense (see above)
+DENSE_ROWS = 8  # steps of at least this many rows use Int4Weight.dense (see above)
 PACK_ROWS_HINT = 32  # oneDNN picks the packed layout for this many rows; any count runs
 
 
 @dataclass(frozen=True)
-class PackedF32Weight:
-    """A float32 [out_features, in_features] weight prepacked for oneDNN's matmul (CPU)."""
+class PackedWeight:
+    """An [out_features, in_features] weight prepacked for oneDNN's matmul (CPU), in the
+    dtype it computes in (float32 or bfloat16)."""
 
     packed: torch.Tensor  # opaque mkldnn tensor from mkldnn._reorder_linear_weight
 
 
-def pack_f32(w: torch.Tensor) -> PackedF32Weight:
-    """`w` as float32 in oneDNN's blocked layout (see the module doc)."""
-    return PackedF32Weight(torch.ops.mkldnn._reorder_linear_weight(w.float(), PACK_ROWS_HINT))
+def pack(w: torch.Tensor, dtype: torch.dtype) -> PackedWeight:
+    """`w` as `dtype` in oneDNN's blocked layout (see the module doc)."""
+    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), PACK_ROWS_HINT))
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Int4Weight:
     packed: torch.Tensor  # uint8, opaque layout of _convert_weight_to_int4pack_for_cpu
     scales_zeros: torch.Tensor  # [in / group, out, 2]: scale, zero (activation dtype)
     group: int
-    dense: PackedF32Weight  # the weight the codes stand for, for DENSE_ROWS+ rows
+    dense: PackedWeight  # the weight the codes stand for, for DENSE_ROWS+ rows
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Int8Weight:
     scales: torch.Tensor  # [N] (activation dtype)
 
 
-Weight = torch.Tensor | Int4Weight | Int8Weight | PackedF32Weight
+Weight = torch.Tensor | Int4Weight | Int8Weight | PackedWeight
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
@@ -101,21 +102,22 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = GROUP) -> In
     # What the kernel computes with: (q - 8) * scale + zero, both rounded to `dtype`.
     zero_k = zero.to(dtype).float()
     dense = ((q - 8) * scale[..., None] + zero_k[..., None]).reshape(n, k)
-    return Int4Weight(packed=packed, scales_zeros=sz, group=group, dense=pack_f32(dense))
+    return Int4Weight(packed=packed, scales_zeros=sz, group=group, dense=pack(dense, dtype))
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w.T (+ bias) for any `Weight`. A dense, int8 or packed weight takes x in
     any float dtype (cast where it differs from the one the weight computes in; the int4
     kernel needs the activation dtype). The result is in the dtype the weight computes
-    in, except for the float32 copies, which answer in x's dtype so that both paths of an
-    int4 weight agree."""
+    in, except for packed weights, which answer in x's dtype (so both paths of an int4
+    weight agree)."""
     if isinstance(w, Int4Weight) and x.shape[0] >= DENSE_ROWS:
         w = w.dense
     if isinstance(w, torch.Tensor):
         return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
-    if isinstance(w, PackedF32Weight):
-        y = torch.ops.mkldnn._linear_pointwise(x.float(), w.packed, None, "none", [], "")
+    if isinstance(w, PackedWeight):
+        dt = w.packed.dtype
+        y = torch.ops.mkldnn._linear_pointwise(x.to(dt), w.packed, None, "none", [], "")
         y = y.to(x.dtype)
     elif isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x.to(w.scales.dtype), w.codes, w.scales)

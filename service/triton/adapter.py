@@ -293,7 +293,7 @@ class CancelWatcher:
     set (its FINAL response went out) or it was cancelled.
     """
 
-    def __init__(self, cancel: Callable[[int], None], interval_s: float = 0.05):
+    def __init__(self, cancel: Callable[[int], None], interval_s: float = 0.25):
         self._cancel = cancel
         self._interval_s = interval_s
         self._watched: dict[int, tuple[Callable[[], bool], threading.Event]] = {}
