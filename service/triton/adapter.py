@@ -291,6 +291,12 @@ class CancelWatcher:
     One light thread for all requests, so neither `execute()` nor the engine thread
     blocks on Triton's cancellation query. A turn is watched until its `done` event is
     set (its FINAL response went out) or it was cancelled.
+
+    Each query is an IPC round trip through tritonserver: every 50 ms for 32 running turns
+    that was most of tritonserver's own CPU in the end-to-end benchmark (25 against 8-10
+    centiseconds per 5 s at 0.25 s). The client sees a cancel at once either way (the
+    gateway answers it); the interval only bounds the tokens computed for nothing, and a
+    next turn on the session waits for it (the gateway retries a busy session).
     """
 
     def __init__(self, cancel: Callable[[int], None], interval_s: float = 0.25):
