@@ -110,7 +110,7 @@ def test_int4_engine_stays_close_to_float32_past_the_window(tokenizer, one_threa
     want = logits_over(ref, tokens, prefill=96)
     got = logits_over(q_run, tokens, prefill=96)
     agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert agree >= 0.95, f"argmax agreement {agree:.3f}"  # bfloat16 alone: 0.975
+    assert agree >= 0.95, f"argmax agreement {agree:.3f}"  # measured 0.981; bf16 alone 0.994
     ppl_ref, ppl_q = perplexity(want, tokens), perplexity(got, tokens)
-    # Measured on these 160 tokens: 26.37 float32, 26.64 bfloat16 + int4 (+1.0%).
+    # Measured on these 160 tokens: 26.37 float32, 26.65 bfloat16 + int4 (+1.1%).
     assert abs(ppl_q / ppl_ref - 1) <= 0.02, f"ppl float32 {ppl_ref:.3f} int4 {ppl_q:.3f}"
