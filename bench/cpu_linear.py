@@ -4,7 +4,8 @@ For each row count: the 30 layers' projections of SmolLM2-135M's shape (distinct
 weights, so they do not stay in cache, as in a real step) through the int4 kernel and
 through weights prepacked for oneDNN in bfloat16 and in float32; then the output head
 (49152 x 576, cache flushed before each call) as int8, packed bfloat16 and packed float32.
-Prints JSON (milliseconds, medians of --repeats). Picks DENSE_ROWS and HEAD_INT8_ROWS.
+Prints JSON (milliseconds, medians of --repeats). Picks quant.AMX_DENSE / PLAIN_DENSE and
+HEAD_INT8_ROWS; `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` shows an AMX machine without AMX.
 
 Run: PYTHONPATH=. .venv/bin/python bench/cpu_linear.py [--threads 2]
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from service.engine.quant import (
+    PLAIN_DENSE,
     Int4Weight,
     Weight,
     linear,
@@ -54,7 +56,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     dense = [[torch.randn(o, i, generator=g) * 0.02 for o, i in SHAPES] for _ in range(LAYERS)]
     layers: dict[str, list[list[Weight]]] = {
-        "int4": [[quantize_int4(w, torch.bfloat16) for w in ws] for ws in dense],
+        "int4": [[quantize_int4(w, torch.bfloat16, PLAIN_DENSE) for w in ws] for ws in dense],
         "packed_bf16": [[pack(w, torch.bfloat16) for w in ws] for ws in dense],
         "packed_f32": [[pack(w, torch.float32) for w in ws] for ws in dense],
     }
@@ -72,7 +74,7 @@ def main() -> None:
         def run(ws: list[list[Weight]], xs: dict[int, torch.Tensor] = xs) -> None:
             for layer in ws:
                 for w, (_, i) in zip(layer, SHAPES, strict=True):
-                    # linear() would switch an int4 weight to its copy from DENSE_ROWS on.
+                    # linear() would switch an int4 weight to its dense copy from some rows on.
                     if isinstance(w, Int4Weight):
                         torch.ops.aten._weight_int4pack_mm_for_cpu(
                             xs[i], w.packed, w.group, w.scales_zeros

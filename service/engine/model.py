@@ -26,6 +26,8 @@ from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
 from service.engine.quant import (
     Weight,
     can_quantize,
+    cpu_has_amx,
+    dense_copy,
     linear,
     pack,
     quantize_int4,
@@ -81,11 +83,15 @@ class Llama:
             t = tensors[name].to(device=device, dtype=torch.float32)
             return (t * mul if mul != 1.0 else t).to(dtype)
 
+        # With AMX, bfloat16 weights multiply fastest prepacked for oneDNN (quant.py).
+        amx = device.type == "cpu" and cpu_has_amx()
+        dense = dense_copy(amx)
+
         def weight(w: torch.Tensor) -> Weight:
             if quant == "int4" and can_quantize(w):
-                return quantize_int4(w, dtype)
-            if device.type == "cpu" and dtype == torch.bfloat16:
-                return pack(w, dtype)  # oneDNN's layout, AMX where there is (see quant.py)
+                return quantize_int4(w, dtype, dense)
+            if amx and dtype == torch.bfloat16:
+                return pack(w, dtype)
             return w
 
         self.embed = get("embed")

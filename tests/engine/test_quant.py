@@ -12,7 +12,7 @@ import torch
 from service.config import ConfigError, EngineConfig
 from service.engine.model import Llama
 from service.engine.perplexity import read_text
-from service.engine.quant import DENSE_ROWS, linear, quantize_int4
+from service.engine.quant import AMX_DENSE, PLAIN_DENSE, DenseCopy, linear, quantize_int4
 from service.engine.runner import TorchRunner
 from service.engine.scheduler import StepItem
 from service.engine.weights import default_model_path, load_checkpoint
@@ -29,20 +29,26 @@ def test_int4_matmul_matches_a_q4_1_shaped_weight_up_to_bfloat16_rounding():
     m = -torch.rand(n, k // 32, 1, generator=g) * 0.05
     w = (d * q + m).reshape(n, k)
     x = torch.randn(8, k, generator=g).bfloat16()
-    got = linear(x, quantize_int4(w, torch.bfloat16)).float()
+    got = linear(x, quantize_int4(w, torch.bfloat16, PLAIN_DENSE)).float()
     want = x.float() @ w.t()
     assert (got - want).abs().max().item() <= 0.01 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("rows", [1, DENSE_ROWS - 1, DENSE_ROWS, 3 * DENSE_ROWS])
-def test_int4_linear_equals_the_dequantized_weight_on_both_sides_of_the_dense_switch(rows):
-    """Below DENSE_ROWS rows the packed kernel runs, from DENSE_ROWS on the float32 copy:
-    both must compute x @ W.T for W = the per-group (code - 8) * scale + zero, which the
-    test rebuilds from the weight on its own (naive loops over groups)."""
+@pytest.mark.parametrize(
+    ("dense", "rows"),
+    [(d, r) for d in (AMX_DENSE, PLAIN_DENSE) for r in (1, d.rows - 1, d.rows, 3 * d.rows)],
+)
+def test_int4_linear_equals_the_dequantized_weight_on_both_sides_of_the_dense_switch(
+    dense: DenseCopy, rows: int
+):
+    """Below `dense.rows` rows the int4 kernel runs, from there on the dense copy (bfloat16
+    or float32, whichever the CPU gets; both run anywhere): both must compute x @ W.T for
+    W = the per-group (code - 8) * scale + zero, which the test rebuilds from the weight
+    on its own (naive loops over groups)."""
     g = torch.Generator().manual_seed(1)
     n, k, group = 48, 96, 32
     w = torch.randn(n, k, generator=g) * 0.05
-    q4 = quantize_int4(w, torch.bfloat16)
+    q4 = quantize_int4(w, torch.bfloat16, dense)
     want_w = torch.empty(n, k)
     for r in range(n):
         for c0 in range(0, k, group):
