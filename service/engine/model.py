@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from service.config import QUANTS
 from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
 from service.engine.quant import (
+    AMX_DENSE,
+    PLAIN_DENSE,
     Weight,
     can_quantize,
     cpu_has_amx,
-    dense_copy,
     linear,
     pack,
     quantize_int4,
@@ -84,8 +85,9 @@ class Llama:
             return (t * mul if mul != 1.0 else t).to(dtype)
 
         # With AMX, bfloat16 weights multiply fastest prepacked for oneDNN (quant.py).
-        amx = device.type == "cpu" and cpu_has_amx()
-        dense = dense_copy(amx)
+        on_cpu = device.type == "cpu"
+        amx = on_cpu and cpu_has_amx()
+        dense = AMX_DENSE if amx else PLAIN_DENSE
 
         def weight(w: torch.Tensor) -> Weight:
             if quant == "int4" and can_quantize(w):
@@ -107,7 +109,6 @@ class Llama:
         # 10.0). GGUF files keep the head at 6-8 bits: int4 there costs several percent of
         # perplexity, int8 almost nothing.
         self.lm_head = self.embed if cfg.tie_embeddings else get("lm_head")
-        on_cpu = device.type == "cpu"
         self.head: Weight = pack(self.lm_head, torch.float32) if on_cpu else self.lm_head
         self.lm_head_int8 = quantize_int8(self.lm_head, dtype) if quant == "int4" else None
         self.layers = []

@@ -68,10 +68,6 @@ def cpu_has_amx() -> bool:
     return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
-def dense_copy(amx: bool) -> DenseCopy:
-    return AMX_DENSE if amx else PLAIN_DENSE
-
-
 @dataclass(frozen=True)
 class Int4Weight:
     """A packed [out_features, in_features] weight."""

@@ -99,8 +99,8 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
 
 
 def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(tokenizer, model):
-    """bfloat16 on CPU multiplies by weights prepacked for oneDNN (AMX where the CPU has
-    it): three sessions decoding together and prefilling, through window turnovers."""
+    """bfloat16 on CPU (weights prepacked for oneDNN where the CPU has AMX, plain
+    elsewhere): three sessions decoding together and prefilling, through window turnovers."""
     cfg, tensors = model
     sinks, window = 4, 20
     rec = RecordingEngine(
