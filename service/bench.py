@@ -144,8 +144,9 @@ def gateway_driver(target: str, token: str | None) -> Driver:
         async with client.conversation() as chat:
             await go.wait()
             trace = Trace(sent=time.perf_counter())
-            async for _ in chat.send(prompt, raw=True, params=sampling(max_tokens=new_tokens)):
-                trace.token_times.append(time.perf_counter())
+            async for delta in chat.send(prompt, raw=True, params=sampling(max_tokens=new_tokens)):
+                now = time.perf_counter()  # a delta may carry several tokens (StreamPacer)
+                trace.token_times.extend(now for _ in delta.token_ids)
             assert chat.last_turn is not None
             trace.prompt_tokens = chat.last_turn.usage.prompt_tokens
             await chat.end()
@@ -233,7 +234,9 @@ def run_e2e(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sinkserve-bench-") as tmp:
         repo = Path(tmp) / "models"
         shutil.copytree(default_model_repository(), repo)
-        write_engine_parameters(repo / "sinkserve" / "config.pbtxt", config)
+        budget = args.stream_responses_per_s
+        adapter = {} if budget is None else {"stream_responses_per_s": str(budget)}
+        write_engine_parameters(repo / "sinkserve" / "config.pbtxt", config, adapter)
         log = Path(tmp) / "triton.log"
         with TritonServer(model_repository=repo, log_path=log, ready_timeout_s=600) as triton:
             result = asyncio.run(_e2e(None, triton.grpc_url, config, args))
@@ -309,14 +312,18 @@ async def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"gateway {target} not serving after {timeout_s}s")
 
 
-def write_engine_parameters(pbtxt: Path, config: EngineConfig) -> None:
-    """Replace the `parameters [...]` block of a config.pbtxt with `config`'s fields."""
+def write_engine_parameters(
+    pbtxt: Path, config: EngineConfig, adapter: dict[str, str] | None = None
+) -> None:
+    """Replace the `parameters [...]` block of a config.pbtxt with `config`'s fields and
+    the adapter's settings in `adapter`."""
     import dataclasses
     import re
 
+    values = {f.name: str(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    values.update(adapter or {})
     entries = ",\n".join(
-        f'  {{ key: "{f.name}", value: {{ string_value: "{getattr(config, f.name)}" }} }}'
-        for f in dataclasses.fields(config)
+        f'  {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in values.items()
     )
     text, n = re.subn(
         r"^parameters \[.*?^\]\n",
@@ -413,6 +420,13 @@ def add_bench_parser(
         default=[1, 8, 32],
         help="concurrency levels, comma-separated (default 1,8,32)",
     )
+    p.add_argument(
+        "--stream-responses-per-s",
+        type=float,
+        default=None,
+        help="e2e: the model's streamed-response budget (default: the model's; 0 = a "
+        "response per token)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
@@ -456,6 +470,7 @@ def main_bench(args: argparse.Namespace) -> int:
             "new_tokens": args.new_tokens,
             "prefill_tokens": args.prefill_tokens,
             "repeats": args.repeats,
+            "stream_responses_per_s": args.stream_responses_per_s,
         },
         **result,
         "wall_s": round(time.time() - started, 1),

@@ -1,11 +1,15 @@
-"""The benchmark's arithmetic: percentiles, and the aggregate decode rate counting only
-tokens that arrive while every session is decoding."""
+"""The benchmark's arithmetic: percentiles, the aggregate decode rate counting only
+tokens that arrive while every session is decoding, and token counting over gRPC."""
 
 from __future__ import annotations
 
 import argparse
 
-from service.bench import Trace, add_bench_parser, percentiles, steady_decode_rate
+import grpc
+
+from service.bench import Trace, add_bench_parser, gateway_driver, percentiles, steady_decode_rate
+from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 
 
 def test_percentiles_are_nearest_rank_in_milliseconds():
@@ -41,3 +45,35 @@ def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys, monk
     assert cli.main(["bench", "--quant", "int8", "--no-save"]) == 2
     err = capsys.readouterr().err
     assert "quant='int8': must be one of none, int4" in err and "Traceback" not in err
+
+
+class DeltasOfThree(chat_pb2_grpc.ChatServiceServicer):
+    """A Chat service that answers every turn with 9 tokens in deltas of 3."""
+
+    async def Chat(self, requests, context):
+        async for request in requests:
+            kind = request.WhichOneof("action")
+            if kind == "open":
+                yield pb.ChatResponse(session_opened=pb.SessionOpened(session_id="s"))
+            elif kind == "turn":
+                for i in range(0, 9, 3):
+                    delta = pb.TokenDelta(text="abc", token_ids=[i, i + 1, i + 2], index=i)
+                    yield pb.ChatResponse(delta=delta)
+                usage = pb.Usage(prompt_tokens=5, generated_tokens=9)
+                end = pb.TurnEnd(finish_reason=pb.FINISH_REASON_LENGTH, usage=usage)
+                yield pb.ChatResponse(turn_end=end)
+            elif kind == "end":
+                return
+
+
+async def test_the_gateway_driver_counts_tokens_not_deltas():
+    server = grpc.aio.server()
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(DeltasOfThree(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        traces = await gateway_driver(f"127.0.0.1:{port}", None)(2, "hi", 9)
+    finally:
+        await server.stop(0)
+    assert [len(t.token_times) for t in traces] == [9, 9]
+    assert [t.prompt_tokens for t in traces] == [5, 5]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -158,12 +159,53 @@ def error_message(code: str, message: str) -> str:
     return f"{code}: {message}"
 
 
+class StreamPacer:
+    """Shares a budget of streamed responses per second among the turns that stream.
+
+    With `n` turns streaming and a budget of `responses_per_s`, a turn sends its next
+    delta once `n / responses_per_s` seconds have passed since its previous one; the
+    tokens made in between go out together in that delta. A turn's first delta and its
+    FINAL response are never held. 0 = no budget: every engine step's tokens go out at once.
+
+    Why: each response costs about 0.3 ms of CPU on its way through tritonserver, the
+    gateway and the client, and where those share the engine's cores every wake-up stalls
+    the engine's compute threads as well, so with many sessions per-token responses cost
+    far more engine time than their own CPU (bench/README.md has the figures). A budget
+    bounds that cost whatever the load; with few sessions every token still goes out alone.
+    """
+
+    def __init__(self, responses_per_s: float, clock: Callable[[], float] = time.monotonic):
+        if responses_per_s < 0:
+            raise ValueError(f"responses_per_s={responses_per_s} must be >= 0")
+        self._rate = responses_per_s
+        self._clock = clock
+        self._turns = 0
+        self._lock = threading.Lock()
+
+    def join(self) -> None:
+        with self._lock:
+            self._turns += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._turns -= 1
+
+    def now(self) -> float:
+        return self._clock()
+
+    def interval_s(self) -> float:
+        """Least time between two deltas of one turn now."""
+        return self._turns / self._rate if self._rate else 0.0
+
+
 class TurnResponder:
     """Turns one turn's engine events into Triton responses.
 
-    Streaming: one response per engine call with that step's text delta and token ids; the
-    call that holds the TurnEnd yields a single FINAL response that also carries its last
-    token and the usage. Not streaming: one FINAL response with the whole text.
+    Streaming: a response per engine call with that step's text delta and token ids, or,
+    with a `pacer`, per engine call once the pacer's interval has passed (the held tokens
+    go out with it); the call that holds the TurnEnd yields a single FINAL response that
+    also carries the tokens not yet sent and the usage. Not streaming: one FINAL response
+    with the whole text.
     Invariant: exactly one FINAL response is sent, after which nothing is sent.
     `before_final` runs (on the calling thread) just before the FINAL response goes out.
     With `sends`, responses go out from its thread (see `SendQueue`). Nothing here raises
@@ -178,10 +220,15 @@ class TurnResponder:
         stream: bool,
         before_final: Callable[[TurnEnd], None] | None = None,
         sends: SendQueue | None = None,
+        pacer: StreamPacer | None = None,
     ):
         self.abandoned = threading.Event()
         self._send = send if sends is None else sends.wrap(send, self.abandoned)
         self._stream = stream
+        self._pacer = pacer if stream else None
+        self._sent_at: float | None = None  # when the last delta went out (with a pacer)
+        if self._pacer is not None:
+            self._pacer.join()  # left when the FINAL response is delivered
         self._before_final = before_final
         self._text: list[str] = []
         self._ids: list[int] = []
@@ -201,7 +248,7 @@ class TurnResponder:
                     end = ev
                     self._text.append(ev.text)
             if end is None:
-                if self._stream and self._ids:
+                if self._stream and self._ids and self._due():
                     self._deliver(self._take(), None, False)
                 return
             if self._before_final is not None:
@@ -230,9 +277,20 @@ class TurnResponder:
                 out.update(usage_outputs(reason, usage))
                 self._deliver(out, None, True)
 
+    def _due(self) -> bool:
+        if self._pacer is None:
+            return True
+        now = self._pacer.now()
+        if self._sent_at is not None and now - self._sent_at < self._pacer.interval_s():
+            return False
+        self._sent_at = now
+        return True
+
     def _deliver(self, outputs: Outputs | None, error: str | None, final: bool) -> None:
         if final:
             self.done.set()
+            if self._pacer is not None:
+                self._pacer.leave()
         if self.abandoned.is_set():
             return
         try:

@@ -21,6 +21,8 @@ class ModelSettings:
     handoff_dir: Path
     handoff_timeout_s: float = 600.0  # how long a new instance waits for the old to drain
     metrics_interval_s: float = 1.0
+    # Streamed responses per second shared by all turns (StreamPacer); 0 = every token.
+    stream_responses_per_s: float = 200.0
 
 
 def kv_fingerprint(config: EngineConfig) -> str:
@@ -50,15 +52,19 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
         else Path(tempfile.gettempdir()) / f"sinkserve-handoff-{os.getppid()}"
     )
     extra = {}
-    for key in ("handoff_timeout_s", "metrics_interval_s"):
+    for key, zero_ok in (
+        ("handoff_timeout_s", False),
+        ("metrics_interval_s", False),
+        ("stream_responses_per_s", True),
+    ):
         if key in values:
             raw = values.pop(key)
             try:
                 extra[key] = float(raw)
             except ValueError:
                 raise ConfigError(f"{key}={raw!r}: expected float") from None
-            if extra[key] <= 0:
-                raise ConfigError(f"{key}={raw!r}: must be > 0")
+            if not (extra[key] > 0 or (zero_ok and extra[key] == 0)):
+                raise ConfigError(f"{key}={raw!r}: must be {'>= 0' if zero_ok else '> 0'}")
     return ModelSettings(
         engine=EngineConfig.from_mapping(values), handoff_dir=base / model_name, **extra
     )

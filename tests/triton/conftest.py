@@ -29,6 +29,8 @@ TEST_PARAMETERS = {
     "step_token_budget": "64",
     "max_new_tokens": "64",
     "slot_wait_s": "5",
+    # One turn alone sends a delta at most every 0.2 s: several tokens each (StreamPacer).
+    "stream_responses_per_s": "5",
 }
 
 

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from service.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
-from service.triton.adapter import CancelWatcher, SendQueue, TurnResponder, parse_request
+from service.triton.adapter import (
+    CancelWatcher,
+    SendQueue,
+    StreamPacer,
+    TurnResponder,
+    parse_request,
+)
 
 USAGE = Usage(prompt_tokens=5, generated_tokens=2, position=40, cached_tokens=40, evicted_tokens=0)
 
@@ -103,6 +109,49 @@ def test_streamed_tokens_arrive_one_response_per_step_and_the_last_is_merged_wit
     assert last["finish_reason"][0] == b"length"
     assert last["prompt_tokens"].tolist() == [5] and last["cache_position"].tolist() == [40]
     assert responder.done.is_set()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_with_a_response_budget_held_tokens_go_out_together_and_none_is_lost():
+    clock = Clock()
+    pacer = StreamPacer(10.0, clock)  # 10 responses/s over 2 turns: one per 0.2 s each
+    a_sent, b_sent = Recorder(), Recorder()
+    a = TurnResponder(a_sent, stream=True, pacer=pacer)
+    b = TurnResponder(b_sent, stream=True, pacer=pacer)
+    steps = [(0.0, "x"), (0.1, "y"), (0.15, "z"), (0.25, "w"), (0.3, "v")]
+    for i, (t, text) in enumerate(steps):
+        clock.t = t
+        a.on_events([TokenEvent(i, text, i)])
+    assert [(text_of(o), o["output_ids"].tolist()) for o, _, _ in a_sent.sent] == [
+        ("x", [0]),  # the first delta is never held
+        ("yzw", [1, 2, 3]),  # 0.25 s after the first
+    ]
+    b.on_events([TokenEvent(7, "q", 0), TurnEnd(FinishReason.STOP, USAGE)])  # b leaves
+    assert [final for _, _, final in b_sent.sent] == [True]
+    clock.t = 0.4  # 0.15 s after a's last delta: enough for one turn alone (0.1 s)
+    a.on_events([TokenEvent(5, "u", 5)])
+    clock.t = 0.41
+    a.on_events([TokenEvent(6, "!", 6), TurnEnd(FinishReason.LENGTH, USAGE)])
+    texts = [(text_of(o), final) for o, _, final in a_sent.sent]
+    assert texts[2:] == [("vu", False), ("!", True)]  # the FINAL is never held
+    assert "".join(t for t, _ in texts) == "xyzwvu!"
+    assert [i for o, _, _ in a_sent.sent for i in o["output_ids"].tolist()] == list(range(7))
+    assert pacer.interval_s() == 0.0  # both turns left
+
+
+def test_a_zero_budget_sends_every_steps_tokens():
+    clock, rec = Clock(), Recorder()
+    responder = TurnResponder(rec, stream=True, pacer=StreamPacer(0.0, clock))
+    for i in range(3):
+        responder.on_events([TokenEvent(i, str(i), i)])  # the clock never moves
+    assert [text_of(o) for o, _, _ in rec.sent] == ["0", "1", "2"]
 
 
 def test_a_non_streamed_turn_is_one_final_response_with_the_whole_text():

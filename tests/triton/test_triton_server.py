@@ -46,6 +46,7 @@ async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tok
     assert "Paris" in replies[0].text
     for reply in replies:
         assert reply.responses > 1  # streamed, not one blob
+        assert reply.responses < len(reply.ids)  # ...in deltas of several tokens (the budget)
         assert reply.final["finish_reason"][0] in (b"stop", b"length")
         # Every streamed token is counted; a final stop token is counted, not streamed.
         assert len(reply.ids) in (

@@ -28,6 +28,15 @@ def test_a_bad_value_fails_naming_the_key():
         parse_parameters(params(window="many"), "m")
     with pytest.raises(ConfigError, match="handoff_timeout_s"):
         parse_parameters(params(handoff_timeout_s="-1"), "m")
+    with pytest.raises(ConfigError, match="stream_responses_per_s"):
+        parse_parameters(params(stream_responses_per_s="-5"), "m")
+    with pytest.raises(ConfigError, match=r"metrics_interval_s.*> 0"):
+        parse_parameters(params(metrics_interval_s="0"), "m")
+
+
+def test_a_zero_response_budget_is_allowed_and_means_a_response_per_token():
+    assert parse_parameters(params(stream_responses_per_s="0"), "m").stream_responses_per_s == 0
+    assert parse_parameters(params(), "m").stream_responses_per_s > 0
 
 
 def test_an_unfilled_template_placeholder_fails_the_load():

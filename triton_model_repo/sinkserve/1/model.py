@@ -22,6 +22,7 @@ from service.triton.adapter import (
     CancelWatcher,
     Outputs,
     SendQueue,
+    StreamPacer,
     TurnRequest,
     TurnResponder,
     parse_request,
@@ -48,6 +49,7 @@ class TritonPythonModel:
         threading.Thread(target=self._take_over, name="sinkserve-handoff", daemon=True).start()
         self.watcher = CancelWatcher(self.engine.cancel)
         self.sends = SendQueue()  # responses leave from their own thread, not the engine's
+        self.pacer = StreamPacer(self.settings.stream_responses_per_s)
         labels = {"model": name, "version": args["model_version"]}
         self.metrics = EngineMetrics(
             pb_utils,
@@ -107,7 +109,7 @@ class TritonPythonModel:
             TurnResponder(send, stream=False).fail("INTERNAL", f"{type(exc).__name__}: {exc}")
             return
         responder = TurnResponder(
-            send, turn.stream, before_final=self._ender(turn), sends=self.sends
+            send, turn.stream, before_final=self._ender(turn), sends=self.sends, pacer=self.pacer
         )
         if self.imported.is_set() or self.engine.has_session(turn.session_id):
             self._run(request, turn, responder)

@@ -340,7 +340,9 @@ class TokenDelta(_message.Message):
     """Index within the turn of the first token in `token_ids`."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Token ids of this delta, usually one."""
+        """Token ids of this delta: one, or several when the server paces its responses under
+        load (the model's stream_responses_per_s budget).
+        """
 
     def __init__(
         self,
