@@ -55,6 +55,7 @@ class Trace:
     sent: float
     token_times: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
+    deltas: int = 0  # messages the tokens came in (through the gateway)
 
     @property
     def ttft(self) -> float:
@@ -147,6 +148,7 @@ def gateway_driver(target: str, token: str | None) -> Driver:
             async for delta in chat.send(prompt, raw=True, params=sampling(max_tokens=new_tokens)):
                 now = time.perf_counter()  # a delta may carry several tokens (StreamPacer)
                 trace.token_times.extend(now for _ in delta.token_ids)
+                trace.deltas += 1
             assert chat.last_turn is not None
             trace.prompt_tokens = chat.last_turn.usage.prompt_tokens
             await chat.end()
@@ -200,6 +202,8 @@ def summarize(runs: dict[str, list[list[Trace]]], prefill: list[Trace]) -> dict[
             "ttft": percentiles([t.ttft for t in flat if t.token_times]),
             "itl": percentiles([b - a for t in flat for a, b in itertools.pairwise(t.token_times)]),
         }
+        if deltas := sum(t.deltas for t in flat):
+            by_n[n]["tokens_per_delta"] = round(sum(len(t.token_times) for t in flat) / deltas, 2)
     return {
         "single_session_decode_tok_s": by_n.get("1", {}).get("decode_tok_s"),
         "aggregate_decode_tok_s": {n: r["decode_tok_s"] for n, r in by_n.items()},

@@ -7,7 +7,14 @@ import argparse
 
 import grpc
 
-from service.bench import Trace, add_bench_parser, gateway_driver, percentiles, steady_decode_rate
+from service.bench import (
+    Trace,
+    add_bench_parser,
+    gateway_driver,
+    percentiles,
+    steady_decode_rate,
+    summarize,
+)
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 
@@ -76,4 +83,6 @@ async def test_the_gateway_driver_counts_tokens_not_deltas():
     finally:
         await server.stop(0)
     assert [len(t.token_times) for t in traces] == [9, 9]
+    assert [t.deltas for t in traces] == [3, 3]
+    assert summarize({"2": [traces]}, traces)["by_sessions"]["2"]["tokens_per_delta"] == 3
     assert [t.prompt_tokens for t in traces] == [5, 5]
