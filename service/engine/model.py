@@ -170,7 +170,11 @@ class Llama:
             gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.w_down)
         kv.commit_positions(plan)
-        out = F.rms_norm(x[plan.logit_rows], width, self.norm, cfg.rms_eps)
+        return self.logits(x[plan.logit_rows])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [n, vocab] of last-layer residual rows x [n, hidden]."""
+        out = F.rms_norm(x, (self.cfg.hidden_size,), self.norm, self.cfg.rms_eps)
         head = self.head  # float32 logits whichever head: linear casts out as it needs
         if self.lm_head_int8 is not None and out.shape[0] < HEAD_INT8_ROWS:
             head = self.lm_head_int8

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from service.config import EngineConfig
+from service.engine.cpu_decode import FusedDecode
 from service.engine.kv_cache import HostSlot, KVCache
 from service.engine.model import Llama
 from service.engine.sampler import SampleRow, sample
@@ -61,11 +62,15 @@ class TorchRunner:
             device=model.device,
         )
         self.bytes_per_slot = self.kv.bytes_per_slot
+        # Steps of a few decode rows in one C++ call where it applies (CPU, int4).
+        self.fused = FusedDecode.build(model, self.kv)
         self.logits_hook: LogitsHook | None = None  # diagnostics and tests: sees raw logits
 
     @torch.inference_mode()
     def logits(self, items: Sequence[StepItem]) -> torch.Tensor:
         """Feed `items`; float32 logits [n, vocab] for the items that want them."""
+        if self.fused is not None and self.fused.takes(items):
+            return self.fused.logits(items)
         return self.model.forward(self.kv, self.kv.plan(items))
 
     def step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:

@@ -104,7 +104,7 @@ class RecordingEngine:
     ) -> None:
         self.config = EngineConfig(**config)  # type: ignore[arg-type]
         c = self.config
-        model = Llama(cfg, tensors, torch_dtype(c.dtype), torch.device(c.device))
+        model = Llama(cfg, tensors, torch_dtype(c.dtype), torch.device(c.device), quant=c.quant)
         self.runner = runner(self.config, model)
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.runner.logits_hook = self._record

@@ -1,0 +1,121 @@
+"""Decode steps of a few sessions in one C++ call (CPU, int4 weights).
+
+A decode step of one session spends far longer in the ~250 ATen calls a layer between
+the matmuls (norms, RoPE, attention on rows of a few hundred values, each call costing
+microseconds of dispatch) than in arithmetic. `cpu_decode.cpp` runs a whole step for up
+to `quant.Int4Weight.dense_rows - 1` single-token rows: the int4 matmuls through the same
+ATen kernel, everything between them as plain loops, attention split over the rows' KV
+heads on torch's intra-op threads. The embedding, the final norm and the output head stay
+in `Llama` (one call each). Numerics agree with the eager path to bfloat16 rounding
+(`tests/engine/test_cpu_decode.py`).
+
+The extension is compiled on first use with the machine's C++ compiler (about a minute
+on 2 cores; cached under torch's extension directory, `TORCH_EXTENSIONS_DIR`). Where it
+cannot be built the engine logs why and keeps the eager path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import structlog
+import torch
+import torch.nn.functional as F
+
+from service.engine.kv_cache import KVCache
+from service.engine.model import Llama
+from service.engine.quant import Int4Weight
+from service.engine.rope import rope_tables
+from service.engine.scheduler import StepItem
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+
+
+@functools.cache
+def extension() -> ModuleType:
+    """The compiled extension (built once per machine and source, then loaded)."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name="sinkserve_cpu_decode",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    )
+
+
+class FusedDecode:
+    """The C++ decode step bound to one model's weights and one KV cache."""
+
+    def __init__(self, model: Llama, kv: KVCache) -> None:
+        cfg = model.cfg
+        self.model = model
+        weights: list[torch.Tensor] = []
+        for layer in model.layers:
+            for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
+                assert isinstance(w, Int4Weight)
+                weights += [w.packed, w.scales_zeros]
+        first = model.layers[0].wqkv
+        assert isinstance(first, Int4Weight)
+        self.max_rows = first.dense_rows - 1  # from there `linear` takes the dense copy
+        self.impl = extension().FusedDecode(
+            [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)],
+            [layer.bqkv for layer in model.layers if layer.bqkv is not None],
+            weights,
+            [c for k, v in zip(kv.k, kv.v, strict=True) for c in (k, v)],
+            kv.kpos,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            kv.sinks,
+            kv.window,
+            first.group,
+            cfg.rms_eps,
+        )
+        self.limit = kv.sinks + kv.window
+
+    @staticmethod
+    def build(model: Llama, kv: KVCache) -> FusedDecode | None:
+        """The fused step where it applies (CPU, every projection int4, a float32 cache)
+        and the extension builds; None otherwise (the caller keeps the eager path)."""
+        applies = (
+            model.device.type == "cpu"
+            and kv.k[0].dtype == torch.float32
+            and all(
+                isinstance(w, Int4Weight)
+                for layer in model.layers
+                for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+            )
+        )
+        if not applies:
+            return None
+        try:
+            extension()
+        except Exception as e:  # no compiler, no headers: the eager path still works
+            structlog.get_logger().warning("cpu_decode_unavailable", error=str(e))
+            return None
+        return FusedDecode(model, kv)
+
+    def takes(self, items: Sequence[StepItem]) -> bool:
+        """Whether this step is a few single-token rows (distinct slots, as in any step)."""
+        return 0 < len(items) <= self.max_rows and all(len(it.tokens) == 1 for it in items)
+
+    @torch.inference_mode()
+    def logits(self, items: Sequence[StepItem]) -> torch.Tensor:
+        """Feed one token per item; float32 logits [n, vocab] for the items that want
+        them, in item order (as `Llama.forward` answers)."""
+        m = self.model
+        tokens = torch.tensor([it.tokens[0] for it in items])
+        positions = torch.tensor([it.start for it in items])
+        slots = torch.tensor([it.slot for it in items])
+        cos, sin = rope_tables(
+            positions, positions.clamp(max=self.limit), m.inv_freq, torch.float32
+        )
+        x = F.embedding(tokens, m.embed).float()
+        x = self.impl.step(x, slots, positions, cos.squeeze(2), sin.squeeze(2))
+        wanted = [i for i, it in enumerate(items) if it.want_logits or it.all_logits]
+        if len(wanted) < len(items):
+            x = x[wanted]
+        return m.logits(x)
