@@ -17,6 +17,9 @@ cannot be built the engine logs why and keeps the eager path.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -39,6 +42,8 @@ def extension() -> ModuleType:
     """The compiled extension (built once per machine and source, then loaded)."""
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:  # the `ninja` wheel's binary, in this environment
+        os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ["PATH"]])
     return cpp_extension.load(
         name="sinkserve_cpu_decode",
         sources=[str(SOURCE)],

@@ -7,9 +7,11 @@ import random
 import statistics
 
 import pytest
+import structlog
 import torch
 
 from service.config import EngineConfig
+from service.engine import cpu_decode
 from service.engine.model import Llama
 from service.engine.runner import TorchRunner
 from service.engine.scheduler import StepItem
@@ -148,3 +150,18 @@ def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenize
     agree = sum(int(got.argmax() == want.argmax()) for got, want in pairs)
     assert errors.median().item() < 0.3, errors.median()
     assert agree >= 0.85 * len(pairs), agree
+
+
+def test_without_a_compiler_the_engine_logs_why_and_stays_eager(model, monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(cpu_decode, "extension", no_compiler)
+    cfg, tensors = model
+    with structlog.testing.capture_logs() as logs:
+        runner = int4_runner(cfg, tensors, 1)
+    assert runner.fused is None
+    assert [e["event"] for e in logs] == ["cpu_decode_unavailable"]
+    assert "c++ not found" in logs[0]["error"]
+    logits = runner.logits([StepItem(0, [5], 0, True)])  # the eager path
+    assert logits.shape == (1, cfg.vocab_size) and logits.isfinite().all()
