@@ -17,6 +17,7 @@ cannot be built the engine logs why and keeps the eager path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sysconfig
@@ -39,13 +40,16 @@ SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 
 @functools.cache
 def extension() -> ModuleType:
-    """The compiled extension (built once per machine and source, then loaded)."""
+    """The compiled extension (built once per CPU kind and source, then loaded)."""
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:  # the `ninja` wheel's binary, in this environment
         os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ["PATH"]])
+    # Built for this CPU (-march=native): a cache directory shared with a CPU lacking some
+    # instruction (a volume moved between nodes) must not hand it this build.
+    features = ",".join(sorted(k for k, on in torch.cpu.get_capabilities().items() if on))
     return cpp_extension.load(
-        name="sinkserve_cpu_decode",
+        name=f"sinkserve_cpu_decode_{hashlib.sha1(features.encode()).hexdigest()[:10]}",
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
     )
