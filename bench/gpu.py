@@ -7,8 +7,10 @@
    StreamingLLM oracle (tests/oracle.py, on the CPU), for one session through several
    window turnovers and a batch of sessions at different positions; the eager bfloat16
    PyTorch runner's error on the same turns is reported beside it as the bfloat16 floor;
+   and the runner stepping ahead against one that does not (equal ids and caches);
 3. Llama-2-7B shape (random bf16 weights), cache 4+2044, batch 1: decode tok/s, bytes read
-   per step (weights + KV read), roofline %; the StreamingLLM reference method
+   per step (weights + KV read), roofline %, also without programmatic dependent launch
+   and without stepping ahead; the StreamingLLM reference method
    (bench/streaming_reference.py, Hugging Face transformers) on the same weights and cache
    contents, with the logits of both compared after one step;
 4. Llama-3-8B shape, 64 sessions of 4+2044: aggregate tok/s against its own batch 1.
@@ -256,6 +258,7 @@ def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
     out = {"batch": len(t0s), "step_ms": step_s * 1e3, "tok_s": len(t0s) / step_s}
     bucket = runner._buckets.get(len(t0s)) if hasattr(runner, "_buckets") else None
     if bucket is not None and dev.type == "cuda":
+        runner.settle()  # the step launched ahead, undone before replaying by hand
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         bucket.run()
         start.record()
@@ -380,6 +383,13 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     ours["pdl"] = runner.pdl
     ours["without_pdl"] = decode_rate(plain, [t0 + 1], steps, dev)
     del plain
+    # And without stepping ahead (the host's turnaround between steps then idles the GPU).
+    behind = runner_for(model, 1, window, dev, ahead=False)
+    for dst, src in zip([*behind.kv.k, *behind.kv.v, behind.kv.kpos], caches, strict=True):
+        dst.copy_(src)
+    ours["ahead"] = runner.ahead
+    ours["without_ahead"] = decode_rate(behind, [t0 + 1], steps, dev)
+    del behind
     state = {"tok": 17}
 
     def ref_step() -> None:
@@ -443,11 +453,23 @@ def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw
     return result
 
 
+def step_ahead(dev: torch.device) -> dict:
+    """The CUDA runner stepping ahead against one that does not, CUDA graphs on: the
+    script of tests/engine/test_cuda_runner_ahead.py (equal ids and caches asserted)."""
+    from tests.engine.test_cuda_runner_ahead import Twins, drive
+
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    t = Twins(512, device=str(dev), dtype=dtype, graphs=cuda, hidden=256, head_dim=64)
+    drive(t)
+    return {"same_ids_and_cache": True, "launched_ahead": t.launched, "undone": t.undone}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    ap.add_argument("--skip", default="", help="comma list: correctness,llama2,llama3")
+    ap.add_argument("--skip", default="", help="comma list: correctness,ahead,llama2,llama3")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     if args.smoke:
@@ -479,6 +501,7 @@ def main() -> None:
     result["copy_bandwidth_GBps"] = bw / 1e9
     sections: list[tuple[str, Callable[[], dict]]] = [
         ("correctness", lambda: engine_vs_oracle(dev)),
+        ("ahead_vs_plain", lambda: step_ahead(dev)),
         ("llama2_7b_batch1", lambda: llama2_batch1(l2, window, steps, bw, dev)),
         ("llama3_8b_batched", lambda: llama3_batched(l3, window, sessions, steps, bw, dev)),
     ]

@@ -9,6 +9,15 @@ read of the sampled ids (greedy rows take the argmax computed inside the graph; 
 rows go through the regular sampler on the graph's logits). Multi-token items (prefill
 chunks) take the eager PyTorch path of `Llama.forward`.
 
+Stepping ahead: after a greedy decode-only step the runner launches the next step before
+the host has read this one's ids, feeding them on the device (ids become tokens,
+positions + 1), so the GPU does not idle while the host returns the ids, runs the
+scheduler and calls `step` again. If that call asks for exactly that step (same slots in
+the same order, the positions after, the ids just returned as tokens, greedy), its ids
+are already on their way; otherwise, and before anything else touches the cache (`save`,
+`load`, `clear`, `logits`), the step ahead is undone: the one cache entry per row it
+wrote, copied before it ran, is put back.
+
 Decode attention reads the cache in place by slot index (`sink_attention`); the
 residual/norm and SiLU steps are fused Triton kernels (`fused_ops`), as is the GEMV that
 batch-1 steps run their layer projections through. On Hopper and later these kernels use
@@ -18,6 +27,7 @@ programmatic dependent launch: each starts while its predecessor finishes. With 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 
 from service.config import EngineConfig
 from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
-from service.engine.kv_cache import KVCache
+from service.engine.kv_cache import CacheEntries, HostSlot, KVCache
 from service.engine.model import Llama
 from service.engine.quant import Weight
 from service.engine.quant import linear as dense_linear
@@ -130,6 +140,31 @@ class _Bucket:
     ids: torch.Tensor  # [size] greedy argmax of `logits`
 
 
+@dataclass
+class _IdsOut:
+    """A step's greedy ids on their way to host memory."""
+
+    host: torch.Tensor  # pinned on CUDA
+    done: torch.cuda.Event | None  # recorded after the copy (None off CUDA: copied already)
+
+    def read(self, n: int) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host[:n].tolist()
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the engine asked for it (see the module doc)."""
+
+    bucket: _Bucket
+    slots: list[int]
+    positions: list[int]
+    tokens: list[int]  # the ids of the step before (set once the host has read them)
+    out: _IdsOut
+    overwritten: CacheEntries  # what its cache writes replace, copied before it ran
+
+
 class CudaGraphRunner(TorchRunner):
     """`TorchRunner` whose decode steps replay CUDA graphs (one per batch-size bucket)."""
 
@@ -142,11 +177,18 @@ class CudaGraphRunner(TorchRunner):
         sm_count: int | None = None,
         gemv: bool = True,
         pdl: bool | None = None,
+        ahead: bool | None = None,
     ) -> None:
         super().__init__(config, model, extra_slots=1)
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs
+        # Step ahead (module doc): by default on CUDA, where the GPU would otherwise idle.
+        self.ahead = dev.type == "cuda" if ahead is None else ahead
+        self._ahead: _Ahead | None = None
+        # The engine saves and clears idle sessions' slots from other threads while its
+        # loop steps: undoing the step ahead must not interleave with a step.
+        self._ahead_lock = threading.RLock()
         self.gemv = gemv  # see `decode_tuning`
         cuda = dev.type == "cuda"
         if sm_count is None:  # off CUDA (interpreter tests): as if 8 SMs, to split the window
@@ -163,6 +205,11 @@ class CudaGraphRunner(TorchRunner):
         # rows: token, position, slot (static: graphs read these addresses)
         self.inputs = torch.zeros(3, size, dtype=torch.long, device=dev)
         self.staging = torch.zeros(3, size, dtype=torch.long, pin_memory=dev.type == "cuda")
+        # Greedy ids on their way to the host: two steps can be in flight.
+        self.host_ids = [
+            torch.zeros(size, dtype=torch.long, pin_memory=dev.type == "cuda") for _ in range(2)
+        ]
+        self._flip = 0  # which of them the next copy goes to
         # The attention kernel's split tickets, zero between launches. Every bucket's graph
         # reads and writes them (never two at once); the runner owns them because a graph
         # keeps only their address: freed, that memory went to other tensors.
@@ -177,22 +224,102 @@ class CudaGraphRunner(TorchRunner):
 
     @torch.inference_mode()
     def step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:
+        with self._ahead_lock:
+            return self._step(items, rows)
+
+    def _step(self, items: Sequence[StepItem], rows: Sequence[SampleRow]) -> list[int]:
         singles = [it for it in items if len(it.tokens) == 1]
         chunks = [it for it in items if len(it.tokens) > 1]
-        bucket = self._decode(singles) if singles else None
         simple = (
-            bucket is not None
-            and not chunks
+            len(singles) == len(items)
             and all(it.want_logits for it in items)
             and self.logits_hook is None
             and all(r.params.temperature == 0 and r.params.repetition_penalty == 1 for r in rows)
         )
+        ahead = self._ahead
+        if ahead is not None and simple and self._asked_for(ahead, items):
+            self._ahead = None
+            return self._greedy_ids(ahead.bucket, items, ahead.out)
+        self.settle()
+        bucket = self._decode(singles) if singles else None
         if simple and bucket is not None:
-            return bucket.ids[: len(items)].tolist()
+            return self._greedy_ids(bucket, items, self._ids_out(bucket))
         logits = self._gather_logits(items, singles, bucket, chunks)
         if self.logits_hook is not None:
             self.logits_hook(rows, logits)
         return sample(logits, rows)
+
+    def settle(self) -> None:
+        """Undo the step launched ahead, if any: done before anything else runs on or
+        reads the cache."""
+        with self._ahead_lock:
+            if self._ahead is not None:
+                self.kv.restore(self._ahead.overwritten)
+                self._ahead = None
+
+    def logits(self, items: Sequence[StepItem]) -> torch.Tensor:
+        self.settle()
+        return super().logits(items)
+
+    def save(self, slot: int) -> HostSlot:
+        self.settle()
+        return super().save(slot)
+
+    def load(self, slot: int, saved: HostSlot) -> None:
+        self.settle()
+        super().load(slot, saved)
+
+    def clear(self, slot: int) -> None:
+        self.settle()
+        super().clear(slot)
+
+    @staticmethod
+    def _asked_for(ahead: _Ahead, items: Sequence[StepItem]) -> bool:
+        return (
+            [it.slot for it in items] == ahead.slots
+            and [it.start for it in items] == ahead.positions
+            and [it.tokens[0] for it in items] == ahead.tokens
+        )
+
+    def _greedy_ids(self, bucket: _Bucket, items: Sequence[StepItem], out: _IdsOut) -> list[int]:
+        """The ids of the step last run on `bucket` (coming through `out`); where the runner
+        steps ahead, the next step is launched first, from those ids still on the device."""
+        nxt = self._launch_ahead(bucket, items) if self.ahead else None
+        ids = out.read(len(items))
+        if nxt is not None:
+            nxt.tokens = ids
+            self._ahead = nxt
+        return ids
+
+    def _ids_out(self, bucket: _Bucket) -> _IdsOut:
+        """Copy the bucket's ids to host memory (the next copy goes to the other buffer:
+        the step ahead's ids travel while these are read)."""
+        host = self.host_ids[self._flip]
+        self._flip ^= 1
+        host[: bucket.size].copy_(bucket.ids, non_blocking=True)
+        done = None
+        if host.is_pinned():
+            done = torch.cuda.Event()
+            done.record()
+        return _IdsOut(host, done)
+
+    def _launch_ahead(self, bucket: _Bucket, items: Sequence[StepItem]) -> _Ahead:
+        """Replay `bucket` once more on its own inputs advanced on the device: the ids it
+        just computed as tokens, positions + 1 (slots and padding rows unchanged)."""
+        n = len(items)
+        tokens, positions, slots = self.inputs[0, :n], self.inputs[1, :n], self.inputs[2, :n]
+        tokens.copy_(bucket.ids[:n])
+        positions += 1
+        overwritten = self.kv.entries(slots, self.kv.cache_index(positions))
+        bucket.run()
+        return _Ahead(
+            bucket,
+            slots=[it.slot for it in items],
+            positions=[it.start + 1 for it in items],
+            tokens=[],
+            out=self._ids_out(bucket),
+            overwritten=overwritten,
+        )
 
     def _gather_logits(
         self,

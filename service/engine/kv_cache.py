@@ -70,9 +70,12 @@ class KVCache:
         self.sinks, self.window = sinks, window
         self.device = device
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        shape = (num_slots, num_kv_heads, sinks + window, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_layers, num_slots, num_kv_heads, sinks + window, head_dim)
+        # One tensor for all layers (a step's writes to every layer are one gather/scatter
+        # away, see `entries`), used a layer at a time through the views `k[layer]`.
+        self.k_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = list(self.k_all.unbind(0)), list(self.v_all.unbind(0))
         self.kpos = torch.full((num_slots, sinks + window), -1, dtype=torch.long, device=device)
 
     @property
@@ -202,21 +205,36 @@ class KVCache:
         for c in plan.chunks:
             self.kpos[c.slot, c.write_index] = plan.positions[c.write_rows + c.row_start]
 
+    def entries(self, slots: torch.Tensor, index: torch.Tensor) -> CacheEntries:
+        """A copy of cache entry index[i] of slot slots[i] in every layer, and its position."""
+        return CacheEntries(
+            slots=slots.clone(),
+            index=index.clone(),
+            k=self.k_all[:, slots, :, index],
+            v=self.v_all[:, slots, :, index],
+            kpos=self.kpos[slots, index],
+        )
+
+    def restore(self, saved: CacheEntries) -> None:
+        """Put back entries copied by `entries`."""
+        self.k_all[:, saved.slots, :, saved.index] = saved.k
+        self.v_all[:, saved.slots, :, saved.index] = saved.v
+        self.kpos[saved.slots, saved.index] = saved.kpos
+
     def clear(self, slot: int) -> None:
         self.kpos[slot] = -1
 
     def save(self, slot: int) -> HostSlot:
         """An exact host copy of one slot."""
         return HostSlot(
-            k=torch.stack([k[slot] for k in self.k]).cpu(),
-            v=torch.stack([v[slot] for v in self.v]).cpu(),
-            kpos=self.kpos[slot].cpu().clone(),
+            k=self.k_all[:, slot].to("cpu", copy=True),
+            v=self.v_all[:, slot].to("cpu", copy=True),
+            kpos=self.kpos[slot].to("cpu", copy=True),
         )
 
     def load(self, slot: int, saved: HostSlot) -> None:
-        for layer in range(len(self.k)):
-            self.k[layer][slot].copy_(saved.k[layer])
-            self.v[layer][slot].copy_(saved.v[layer])
+        self.k_all[:, slot].copy_(saved.k)
+        self.v_all[:, slot].copy_(saved.v)
         self.kpos[slot].copy_(saved.kpos)
 
 
@@ -231,3 +249,14 @@ class HostSlot:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kpos))
+
+
+@dataclass
+class CacheEntries:
+    """Some slots' cache entries at one index each, all layers (`KVCache.entries`)."""
+
+    slots: torch.Tensor  # [B]
+    index: torch.Tensor  # [B]
+    k: torch.Tensor  # [B, layers, kv_heads, hd]
+    v: torch.Tensor
+    kpos: torch.Tensor  # [B]
