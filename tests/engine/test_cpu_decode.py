@@ -16,7 +16,7 @@ from service.engine.model import Llama
 from service.engine.runner import TorchRunner
 from service.engine.scheduler import StepItem
 from tests.engine.helpers import RecordingEngine, tiny_model
-from tests.engine.test_engine_matches_oracle import Conversation, run_until_idle, tokens
+from tests.engine.test_engine_matches_oracle import check_three_bfloat16_sessions, tokens
 
 SINKS, WINDOW = 2, 8  # a small ring: it rolls several times per test
 
@@ -134,22 +134,8 @@ def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenize
         return real(items)
 
     fused.logits = counting  # type: ignore[method-assign]
-    rng = random.Random(5)
-    convs = [Conversation(rec, rec.engine.open_session()) for _ in range(3)]
-    for n_prompt in (30, 9, 1):
-        for conv in convs:
-            conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
-        run_until_idle(rec)
+    check_three_bfloat16_sessions(rec, cfg, tensors, 4, 20)
     assert taken >= 40
-    assert rec.engine.stats().session_info[0].position >= 2 * 24
-    pairs = [p for conv in convs for p in conv.pairs(4, 20, cfg, tensors)]
-    assert len(pairs) == 3 * 3 * 19
-    # bfloat16 activations against the oracle's float32, as in
-    # test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle.
-    errors = torch.stack([(got - want).abs().max() for got, want in pairs])
-    agree = sum(int(got.argmax() == want.argmax()) for got, want in pairs)
-    assert errors.median().item() < 0.3, errors.median()
-    assert agree >= 0.85 * len(pairs), agree
 
 
 def test_without_a_compiler_the_engine_logs_why_and_stays_eager(model, monkeypatch):

@@ -78,6 +78,27 @@ def tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+def check_three_bfloat16_sessions(rec: RecordingEngine, cfg, tensors, sinks: int, window: int):
+    """Three sessions of a bfloat16 engine decoding together and prefilling, through window
+    turnovers, stay within bfloat16 rounding of the oracle."""
+    rng = random.Random(5)
+    convs = [Conversation(rec, rec.engine.open_session()) for _ in range(3)]
+    for n_prompt in (30, 9, 1):
+        for conv in convs:
+            conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
+        run_until_idle(rec)
+    assert rec.engine.stats().session_info[0].position >= 2 * (sinks + window)
+    pairs = [p for conv in convs for p in conv.pairs(sinks, window, cfg, tensors)]
+    assert len(pairs) == 3 * 3 * 19
+    # This model's float32 logits reach about 9; its bfloat16 weights and activations
+    # (the same with plain F.linear) leave a median error of about 0.15 and move the
+    # argmax on near-ties only. A wrong weight layout or cast gives errors of several units.
+    errors = torch.stack([(got - want).abs().max() for got, want in pairs])
+    agree = sum(int(got.argmax() == want.argmax()) for got, want in pairs)
+    assert errors.median().item() < 0.3, errors.median()
+    assert agree >= 0.85 * len(pairs), agree
+
+
 @pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_model(tokenizer.vocab_size)
@@ -107,22 +128,7 @@ def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(toke
         tokenizer, tensors, cfg, sinks=sinks, window=window, max_sessions=3,
         step_token_budget=16, dtype="bfloat16",
     )  # fmt: skip
-    rng = random.Random(5)
-    convs = [Conversation(rec, rec.engine.open_session()) for _ in range(3)]
-    for n_prompt in (30, 9, 1):
-        for conv in convs:
-            conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
-        run_until_idle(rec)
-    assert rec.engine.stats().session_info[0].position >= 2 * (sinks + window)
-    pairs = [p for conv in convs for p in conv.pairs(sinks, window, cfg, tensors)]
-    assert len(pairs) == 3 * 3 * 19
-    # This model's float32 logits reach about 9; its bfloat16 weights and activations
-    # (the same with plain F.linear) leave a median error of about 0.15 and move the
-    # argmax on near-ties only. A wrong weight layout or cast gives errors of several units.
-    errors = torch.stack([(got - want).abs().max() for got, want in pairs])
-    agree = sum(int(got.argmax() == want.argmax()) for got, want in pairs)
-    assert errors.median().item() < 0.3, errors.median()
-    assert agree >= 0.85 * len(pairs), agree
+    check_three_bfloat16_sessions(rec, cfg, tensors, sinks, window)
 
 
 def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer, model):
