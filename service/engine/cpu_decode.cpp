@@ -1,7 +1,9 @@
-// A decode step of a few single-token rows through every layer in one call (CPU, int4
-// weights): the arithmetic between the int4 matmuls runs as plain loops on rows of a few
-// hundred values, instead of ~250 small ATen calls a layer from Python. See cpu_decode.py
-// for when the engine takes this path and what it returns.
+// A decode step of single-token rows through every layer in one call (CPU, int4 weights):
+// the arithmetic between the matmuls runs as plain loops on rows of a few hundred values
+// (attention split over rows and KV heads on torch's threads), instead of ~250 small ATen
+// calls a layer from Python. The matmuls are the ones `quant.linear` picks: the int4
+// kernel, or from `dense_rows` rows the weight's dense copy prepacked for oneDNN. See
+// cpu_decode.py for when the engine takes this path and what it returns.
 //
 // Numerics follow model.py's eager path: float32 residual stream and norms; bfloat16
 // activations into the matmuls (rounded where the eager path rounds); attention in
@@ -51,20 +53,25 @@ struct Layer {
   at::Tensor attn_norm, ffn_norm;  // float32 [H]
   at::Tensor qkv_bias;             // bfloat16 [(nH + 2 nKV) hd], or undefined
   at::Tensor packed[4], scales_zeros[4];  // int4 qkv, o, gate_up, down (quant.Int4Weight)
+  at::Tensor dense[4];             // their dense copies, prepacked for oneDNN
   at::Tensor k, v;                 // the layer's float32 cache [slots, nKV, S + W, hd]
 };
 
 class FusedDecode {
  public:
   FusedDecode(std::vector<at::Tensor> norms, std::vector<at::Tensor> biases,
-              std::vector<at::Tensor> weights, std::vector<at::Tensor> caches,
-              at::Tensor kpos, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-              int64_t sinks, int64_t window, int64_t group, double eps)
+              std::vector<at::Tensor> weights, std::vector<at::Tensor> dense,
+              std::vector<at::Tensor> caches, at::Tensor kpos, int64_t num_heads,
+              int64_t num_kv_heads, int64_t head_dim, int64_t sinks, int64_t window,
+              int64_t group, int64_t dense_rows, double eps)
       : kpos_(kpos), nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), sinks_(sinks),
-        window_(window), group_(group), eps_(static_cast<float>(eps)) {
+        window_(window), group_(group), dense_rows_(dense_rows), eps_(static_cast<float>(eps)),
+        linear_pointwise_(c10::Dispatcher::singleton().findSchemaOrThrow(
+            "mkldnn::_linear_pointwise", "")) {
     const size_t n = norms.size() / 2;
     TORCH_CHECK(biases.size() == n || biases.empty(), "one qkv bias a layer, or none");
-    TORCH_CHECK(weights.size() == 8 * n && caches.size() == 2 * n, "per-layer tensor counts");
+    TORCH_CHECK(weights.size() == 8 * n && dense.size() == 4 * n && caches.size() == 2 * n,
+                "per-layer tensor counts");
     for (size_t i = 0; i < n; ++i) {
       Layer l;
       l.attn_norm = norms[2 * i];
@@ -73,6 +80,7 @@ class FusedDecode {
       for (int j = 0; j < 4; ++j) {
         l.packed[j] = weights[8 * i + 2 * j];
         l.scales_zeros[j] = weights[8 * i + 2 * j + 1];
+        l.dense[j] = dense[4 * i + j];
       }
       l.k = caches[2 * i];
       l.v = caches[2 * i + 1];
@@ -107,7 +115,11 @@ class FusedDecode {
       });
       add_rows(xs, matmul(attn, l, 1), rows * hidden);
       norm_rows(xs, l.ffn_norm, h, rows, hidden);
-      add_rows(xs, matmul(silu_mul(matmul(h, l, 2)), l, 3), rows * hidden);
+      const at::Tensor gate_up = matmul(h, l, 2);  // as model.py: silu(gate) * up
+      const int64_t inter = gate_up.size(1) / 2;
+      const at::Tensor act =
+          at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
+      add_rows(xs, matmul(act, l, 3), rows * hidden);
     }
     int64_t* kp = kpos_.data_ptr<int64_t>();
     for (int64_t b = 0; b < rows; ++b) kp[slot[b] * cache_len_ + cache_index(pos[b])] = pos[b];
@@ -119,8 +131,15 @@ class FusedDecode {
     return p < sinks_ ? p : sinks_ + (p - sinks_) % window_;
   }
 
+  // `in` (bfloat16 [rows, K]) times projection j, in bfloat16, as quant.linear computes it.
   at::Tensor matmul(const at::Tensor& in, const Layer& l, int j) const {
-    return at::_weight_int4pack_mm_for_cpu(in, l.packed[j], group_, l.scales_zeros[j]);
+    if (in.size(0) < dense_rows_)
+      return at::_weight_int4pack_mm_for_cpu(in, l.packed[j], group_, l.scales_zeros[j]);
+    const auto dtype = l.dense[j].scalar_type();
+    torch::jit::Stack stack{in.to(dtype), l.dense[j], c10::IValue(), std::string("none"),
+                            c10::List<std::optional<at::Scalar>>(), std::string("")};
+    linear_pointwise_.callBoxed(&stack);
+    return stack[0].toTensor().to(in.scalar_type());
   }
 
   void norm_rows(const float* xs, const at::Tensor& w, at::Tensor& out, int64_t rows,
@@ -133,23 +152,6 @@ class FusedDecode {
   static void add_rows(float* xs, const at::Tensor& delta, int64_t n) {
     const BF16* d = delta.data_ptr<BF16>();
     for (int64_t i = 0; i < n; ++i) xs[i] += static_cast<float>(d[i]);
-  }
-
-  // SiLU(gate) * up as the eager path rounds it: silu to bfloat16, then the product.
-  static at::Tensor silu_mul(const at::Tensor& gate_up) {
-    const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
-    at::Tensor out = at::empty({rows, inter}, gate_up.options());
-    const BF16* gu = gate_up.data_ptr<BF16>();
-    BF16* o = out.data_ptr<BF16>();
-    for (int64_t b = 0; b < rows; ++b) {
-      const BF16* g = gu + b * 2 * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        const float gf = g[i];
-        const BF16 s = BF16(gf / (1.f + std::exp(-gf)));
-        o[b * inter + i] = BF16(static_cast<float>(s) * static_cast<float>(g[inter + i]));
-      }
-    }
-    return out;
   }
 
   // One row's g query heads of KV head kh: attend to the slot's visible keys (sinks scored
@@ -222,8 +224,9 @@ class FusedDecode {
 
   std::vector<Layer> layers_;
   at::Tensor kpos_;  // int64 [slots, S + W]: the absolute position at each cache entry
-  int64_t nh_, nkv_, hd_, sinks_, window_, group_, cache_len_ = 0;
+  int64_t nh_, nkv_, hd_, sinks_, window_, group_, dense_rows_, cache_len_ = 0;
   float eps_;
+  c10::OperatorHandle linear_pointwise_;  // mkldnn::_linear_pointwise (prepacked weights)
 };
 
 }  // namespace
@@ -231,7 +234,8 @@ class FusedDecode {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FusedDecode>(m, "FusedDecode")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
-                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+                          std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, double>())
       .def("step", &FusedDecode::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

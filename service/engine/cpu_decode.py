@@ -1,16 +1,17 @@
-"""Decode steps of a few sessions in one C++ call (CPU, int4 weights).
+"""Decode steps in one C++ call (CPU, int4 weights).
 
 A decode step of one session spends far longer in the ~250 ATen calls a layer between
 the matmuls (norms, RoPE, attention on rows of a few hundred values, each call costing
-microseconds of dispatch) than in arithmetic. `cpu_decode.cpp` runs a whole step for up
-to `quant.Int4Weight.dense_rows - 1` single-token rows: the int4 matmuls through the same
-ATen kernel, everything between them as plain loops, attention split over the rows' KV
-heads on torch's intra-op threads. The embedding, the final norm and the output head stay
-in `Llama` (one call each). Numerics agree with the eager path to bfloat16 rounding
+microseconds of dispatch) than in arithmetic. `cpu_decode.cpp` runs a whole step of
+single-token rows: the matmuls through the same kernels as `quant.linear` (int4, or from
+`Int4Weight.dense_rows` rows the dense copy prepacked for oneDNN), everything between
+them as plain loops, attention split over the rows and KV heads on torch's intra-op
+threads. The embedding, the final norm and the output head stay in `Llama` (one call
+each). Numerics agree with the eager path to bfloat16 rounding
 (`tests/engine/test_cpu_decode.py`).
 
-The extension is compiled on first use with the machine's C++ compiler (about a minute
-on 2 cores; cached under torch's extension directory, `TORCH_EXTENSIONS_DIR`). Where it
+The extension is compiled on first use with the machine's C++ compiler (about 25 s on 2
+cores; cached under torch's extension directory, `TORCH_EXTENSIONS_DIR`). Where it
 cannot be built the engine logs why and keeps the eager path.
 """
 
@@ -62,17 +63,19 @@ class FusedDecode:
         cfg = model.cfg
         self.model = model
         weights: list[torch.Tensor] = []
+        dense: list[torch.Tensor] = []
         for layer in model.layers:
             for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
                 assert isinstance(w, Int4Weight)
                 weights += [w.packed, w.scales_zeros]
+                dense.append(w.dense.packed)
         first = model.layers[0].wqkv
         assert isinstance(first, Int4Weight)
-        self.max_rows = first.dense_rows - 1  # from there `linear` takes the dense copy
         self.impl = extension().FusedDecode(
             [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)],
             [layer.bqkv for layer in model.layers if layer.bqkv is not None],
             weights,
+            dense,
             [c for k, v in zip(kv.k, kv.v, strict=True) for c in (k, v)],
             kv.kpos,
             cfg.num_heads,
@@ -81,6 +84,7 @@ class FusedDecode:
             kv.sinks,
             kv.window,
             first.group,
+            first.dense_rows,
             cfg.rms_eps,
         )
         self.limit = kv.sinks + kv.window
@@ -108,8 +112,8 @@ class FusedDecode:
         return FusedDecode(model, kv)
 
     def takes(self, items: Sequence[StepItem]) -> bool:
-        """Whether this step is a few single-token rows (distinct slots, as in any step)."""
-        return 0 < len(items) <= self.max_rows and all(len(it.tokens) == 1 for it in items)
+        """Whether this step is single-token rows only (distinct slots, as in any step)."""
+        return len(items) > 0 and all(len(it.tokens) == 1 for it in items)
 
     @torch.inference_mode()
     def logits(self, items: Sequence[StepItem]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from service.config import EngineConfig
 from service.engine import cpu_decode
 from service.engine.model import Llama
+from service.engine.quant import Int4Weight
 from service.engine.runner import TorchRunner
 from service.engine.scheduler import StepItem
 from tests.engine.helpers import RecordingEngine, tiny_model
@@ -53,7 +54,12 @@ def int4_runner(cfg, tensors, max_sessions: int) -> TorchRunner:
 
 def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model):
     cfg, tensors = model
-    fused, eager = int4_runner(cfg, tensors, 3), int4_runner(cfg, tensors, 3)
+    # One session more than the row count from which the matmuls take the dense copies
+    # (8 with AMX, 24 without): steps of all of them go that way, smaller ones int4.
+    probe = Llama(cfg, tensors, torch.bfloat16, torch.device("cpu"), quant="int4").layers[0]
+    assert isinstance(probe.wqkv, Int4Weight)
+    n = probe.wqkv.dense_rows + 1
+    fused, eager = int4_runner(cfg, tensors, n), int4_runner(cfg, tensors, n)
     assert fused.fused is not None, "the C++ decode step did not build"
     eager.fused = None
     calls = 0
@@ -66,14 +72,17 @@ def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model):
 
     fused.fused.logits = counting  # type: ignore[method-assign]
     rng = random.Random(3)
-    pos = [0, 0, 0]
+    pos = [0] * n
     errors: list[float] = []
-    for slot, n in enumerate((5, 1, 13)):  # prompts; slot 1's one token takes the fused path
-        items = [StepItem(slot, tokens(rng, n, cfg.vocab_size), 0, True)]
+    for slot in range(n):  # prompts; slot 1's one token takes the fused path
+        items = [
+            StepItem(slot, tokens(rng, 1 if slot == 1 else 2 + slot % 11, cfg.vocab_size), 0, True)
+        ]
         torch.testing.assert_close(fused.logits(items), eager.logits(items))
-        pos[slot] = n
-    # Decode groups of 3, 2 and 1 rows, slots out of order, one row without logits.
-    groups = [[0, 1, 2], [2, 0], [1], [0, 2, 1]]
+        pos[slot] = len(items[0].tokens)
+    # Decode groups of all rows (dense copies), 2 and 1 rows (int4), slots out of order,
+    # one row without logits.
+    groups = [list(range(n)), [2, 0], [1], list(range(n))[::-1]]
     for step in range(40):
         slots = groups[step % len(groups)]
         items = [
@@ -102,16 +111,14 @@ def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model):
         torch.testing.assert_close(fused.kv.v[layer], eager.kv.v[layer], atol=0.5, rtol=0)
 
 
-def test_steps_the_fused_path_does_not_take_run_eagerly(model):
+def test_only_steps_of_single_tokens_take_the_fused_path(model):
     cfg, tensors = model
-    runner = int4_runner(cfg, tensors, 8)
+    runner = int4_runner(cfg, tensors, 32)
     assert runner.fused is not None
-    limit = runner.fused.max_rows
-    assert limit == 7  # quant.AMX_DENSE / PLAIN_DENSE switch to dense copies from 8 / 24 rows
-    single = [StepItem(s, [5], 0, True) for s in range(8)]
-    assert runner.fused.takes(single[:limit])
-    assert not runner.fused.takes(single)  # more rows: the dense copies pay
+    single = [StepItem(s, [5], 0, True) for s in range(32)]
+    assert runner.fused.takes(single[:1]) and runner.fused.takes(single)
     assert not runner.fused.takes([StepItem(0, [5, 6], 0, True)])  # a prefill chunk
+    assert not runner.fused.takes([*single[1:3], StepItem(0, [5, 6], 0, True)])
     assert not runner.fused.takes([])
 
 
