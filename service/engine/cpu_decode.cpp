@@ -1,14 +1,15 @@
-// A decode step of single-token rows through every layer in one call (CPU, int4 weights):
-// the arithmetic between the matmuls runs as plain loops on rows of a few hundred values
+// A decode step of single-token rows through every layer in one call (CPU): the
+// arithmetic between the matmuls runs as plain loops on rows of a few hundred values
 // (attention split over rows and KV heads on torch's threads), instead of ~250 small ATen
-// calls a layer from Python. The matmuls are the ones `quant.linear` picks: the int4
-// kernel, or from `dense_rows` rows the weight's dense copy prepacked for oneDNN. See
-// cpu_decode.py for when the engine takes this path and what it returns.
+// calls a layer from Python. The matmuls are the ones `quant.linear` picks for the
+// layers' weights: int4 (or, from `dense_rows` rows, the dense copy prepacked for oneDNN),
+// prepacked bfloat16, or plain tensors. See cpu_decode.py for when the engine takes this
+// path and what it returns.
 //
-// Numerics follow model.py's eager path: float32 residual stream and norms; bfloat16
-// activations into the matmuls (rounded where the eager path rounds); attention in
-// float32 over the float32 cache. RoPE runs in float32 here (bfloat16 there), so the two
-// paths agree to bfloat16 rounding, not bit for bit.
+// Numerics follow model.py's eager path: float32 residual stream and norms; activations
+// into the matmuls in the model's dtype T (bfloat16 or float32, rounded where the eager
+// path rounds); attention in float32 over the float32 cache. RoPE runs in float32 here
+// (in T there), so with bfloat16 the two paths agree to bfloat16 rounding, not bit for bit.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -29,18 +30,20 @@ float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
-// F.rms_norm(x, w).to(bfloat16) for one row.
-void rms_norm(const float* x, const float* w, BF16* out, int64_t n, float eps) {
+// F.rms_norm(x, w).to(T) for one row.
+template <typename T>
+void rms_norm(const float* x, const float* w, T* out, int64_t n, float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = BF16(x[i] * inv * w[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = T(x[i] * inv * w[i]);
 }
 
 // RoPE in the rotate-half layout: x * cos + swap_halves(x) * sin, with sin signed as
 // rope.rope_tables lays it out ([-sin, sin]).
-void rope(const BF16* x, const float* cos, const float* sin, float* out, int64_t hd) {
+template <typename T>
+void rope(const T* x, const float* cos, const float* sin, float* out, int64_t hd) {
   const int64_t h = hd / 2;
   for (int64_t i = 0; i < h; ++i) {
     const float a = x[i], b = x[i + h];
@@ -49,38 +52,49 @@ void rope(const BF16* x, const float* cos, const float* sin, float* out, int64_t
   }
 }
 
+// How a model's projection weights multiply (quant.Weight).
+enum class Kind { kInt4, kPacked, kPlain };
+
 struct Layer {
   at::Tensor attn_norm, ffn_norm;  // float32 [H]
-  at::Tensor qkv_bias;             // bfloat16 [(nH + 2 nKV) hd], or undefined
-  at::Tensor packed[4], scales_zeros[4];  // int4 qkv, o, gate_up, down (quant.Int4Weight)
-  at::Tensor dense[4];             // their dense copies, prepacked for oneDNN
+  at::Tensor qkv_bias;             // [(nH + 2 nKV) hd] in T, or undefined
+  at::Tensor w[4];                 // qkv, o, gate_up, down: int4 codes, packed, or plain
+  at::Tensor scales_zeros[4];      // kInt4: quant.Int4Weight.scales_zeros
+  at::Tensor dense[4];             // kInt4: the dense copies, prepacked for oneDNN
   at::Tensor k, v;                 // the layer's float32 cache [slots, nKV, S + W, hd]
 };
 
 class FusedDecode {
  public:
+  // Per layer: norms (attention, FFN), biases (one or none), weights (4), and for int4
+  // weights scales_zeros (4) and dense copies (4); caches (K, V).
   FusedDecode(std::vector<at::Tensor> norms, std::vector<at::Tensor> biases,
-              std::vector<at::Tensor> weights, std::vector<at::Tensor> dense,
-              std::vector<at::Tensor> caches, at::Tensor kpos, int64_t num_heads,
-              int64_t num_kv_heads, int64_t head_dim, int64_t sinks, int64_t window,
-              int64_t group, int64_t dense_rows, double eps)
+              std::vector<at::Tensor> weights, std::vector<at::Tensor> scales_zeros,
+              std::vector<at::Tensor> dense, std::vector<at::Tensor> caches, at::Tensor kpos,
+              int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t sinks,
+              int64_t window, int64_t group, int64_t dense_rows, double eps)
       : kpos_(kpos), nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), sinks_(sinks),
         window_(window), group_(group), dense_rows_(dense_rows), eps_(static_cast<float>(eps)),
         linear_pointwise_(c10::Dispatcher::singleton().findSchemaOrThrow(
             "mkldnn::_linear_pointwise", "")) {
     const size_t n = norms.size() / 2;
+    const bool int4 = !scales_zeros.empty();
+    kind_ = int4 ? Kind::kInt4 : weights.at(0).is_mkldnn() ? Kind::kPacked : Kind::kPlain;
     TORCH_CHECK(biases.size() == n || biases.empty(), "one qkv bias a layer, or none");
-    TORCH_CHECK(weights.size() == 8 * n && dense.size() == 4 * n && caches.size() == 2 * n,
-                "per-layer tensor counts");
+    TORCH_CHECK(weights.size() == 4 * n && caches.size() == 2 * n, "per-layer tensor counts");
+    TORCH_CHECK(!int4 || (scales_zeros.size() == 4 * n && dense.size() == 4 * n),
+                "int4 weights come with scales and dense copies");
     for (size_t i = 0; i < n; ++i) {
       Layer l;
       l.attn_norm = norms[2 * i];
       l.ffn_norm = norms[2 * i + 1];
       if (!biases.empty()) l.qkv_bias = biases[i];
       for (int j = 0; j < 4; ++j) {
-        l.packed[j] = weights[8 * i + 2 * j];
-        l.scales_zeros[j] = weights[8 * i + 2 * j + 1];
-        l.dense[j] = dense[4 * i + j];
+        l.w[j] = weights[4 * i + j];
+        if (int4) {
+          l.scales_zeros[j] = scales_zeros[4 * i + j];
+          l.dense[j] = dense[4 * i + j];
+        }
       }
       l.k = caches[2 * i];
       l.v = caches[2 * i + 1];
@@ -93,75 +107,90 @@ class FusedDecode {
   // x: float32 [B, H] embeddings of the rows' tokens, advanced in place to the last
   // layer's residual stream (returned). slots, positions: int64 [B], distinct slots.
   // cos, sin: float32 [2, B, hd] (row 0: absolute positions, row 1: cache positions).
-  // Writes each row's keys and values into its slot and its position into kpos.
+  // bfloat16: the model's activation dtype T (else float32). Writes each row's keys and
+  // values into its slot and its position into kpos.
   at::Tensor step(at::Tensor x, at::Tensor slots, at::Tensor positions, at::Tensor cos,
-                  at::Tensor sin) {
-    const int64_t rows = x.size(0), hidden = x.size(1);
+                  at::Tensor sin, bool bfloat16) {
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat, "x: float32 [B, H]");
     TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "contiguous cos/sin");
-    const auto bf = x.options().dtype(at::kBFloat16);
-    at::Tensor h = at::empty({rows, hidden}, bf);
-    at::Tensor attn = at::empty({rows, nh_ * hd_}, bf);
-    float* xs = x.data_ptr<float>();
-    const int64_t* slot = slots.data_ptr<int64_t>();
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    for (const Layer& l : layers_) {
-      norm_rows(xs, l.attn_norm, h, rows, hidden);
-      at::Tensor qkv = matmul(h, l, 0);
-      if (l.qkv_bias.defined()) qkv.add_(l.qkv_bias);
-      at::parallel_for(0, rows * nkv_, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i)
-          attend(l, qkv, attn, i / nkv_, i % nkv_, slot, pos, cos, sin);
-      });
-      add_rows(xs, matmul(attn, l, 1), rows * hidden);
-      norm_rows(xs, l.ffn_norm, h, rows, hidden);
-      const at::Tensor gate_up = matmul(h, l, 2);  // as model.py: silu(gate) * up
-      const int64_t inter = gate_up.size(1) / 2;
-      const at::Tensor act =
-          at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
-      add_rows(xs, matmul(act, l, 3), rows * hidden);
-    }
-    int64_t* kp = kpos_.data_ptr<int64_t>();
-    for (int64_t b = 0; b < rows; ++b) kp[slot[b] * cache_len_ + cache_index(pos[b])] = pos[b];
+    if (bfloat16)
+      run<BF16>(x, slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), cos, sin);
+    else
+      run<float>(x, slots.data_ptr<int64_t>(), positions.data_ptr<int64_t>(), cos, sin);
     return x;
   }
 
  private:
+  template <typename T>
+  void run(at::Tensor& x, const int64_t* slot, const int64_t* pos, const at::Tensor& cos,
+           const at::Tensor& sin) {
+    const int64_t rows = x.size(0), hidden = x.size(1);
+    const auto act = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor h = at::empty({rows, hidden}, act);
+    at::Tensor attn = at::empty({rows, nh_ * hd_}, act);
+    float* xs = x.data_ptr<float>();
+    for (const Layer& l : layers_) {
+      norm_rows(xs, l.attn_norm, h.data_ptr<T>(), rows, hidden);
+      at::Tensor qkv = matmul(h, l, 0);
+      at::parallel_for(0, rows * nkv_, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+          attend<T>(l, qkv, attn, i / nkv_, i % nkv_, slot, pos, cos, sin);
+      });
+      add_rows(xs, matmul(attn, l, 1).data_ptr<T>(), rows * hidden);
+      norm_rows(xs, l.ffn_norm, h.data_ptr<T>(), rows, hidden);
+      const at::Tensor gate_up = matmul(h, l, 2);  // as model.py: silu(gate) * up
+      const int64_t inter = gate_up.size(1) / 2;
+      const at::Tensor act_in =
+          at::silu(gate_up.narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
+      add_rows(xs, matmul(act_in, l, 3).data_ptr<T>(), rows * hidden);
+    }
+    int64_t* kp = kpos_.data_ptr<int64_t>();
+    for (int64_t b = 0; b < rows; ++b) kp[slot[b] * cache_len_ + cache_index(pos[b])] = pos[b];
+  }
+
   int64_t cache_index(int64_t p) const {
     return p < sinks_ ? p : sinks_ + (p - sinks_) % window_;
   }
 
-  // `in` (bfloat16 [rows, K]) times projection j, in bfloat16, as quant.linear computes it.
+  // `in` [rows, K] times projection j (plus the qkv bias), in `in`'s dtype, as
+  // quant.linear computes it.
   at::Tensor matmul(const at::Tensor& in, const Layer& l, int j) const {
-    if (in.size(0) < dense_rows_)
-      return at::_weight_int4pack_mm_for_cpu(in, l.packed[j], group_, l.scales_zeros[j]);
-    const auto dtype = l.dense[j].scalar_type();
-    torch::jit::Stack stack{in.to(dtype), l.dense[j], c10::IValue(), std::string("none"),
-                            c10::List<std::optional<at::Scalar>>(), std::string("")};
-    linear_pointwise_.callBoxed(&stack);
-    return stack[0].toTensor().to(in.scalar_type());
+    const at::Tensor& bias = j == 0 ? l.qkv_bias : at::Tensor();
+    if (kind_ == Kind::kPlain) return at::linear(in, l.w[j], bias);
+    at::Tensor y;
+    if (kind_ == Kind::kInt4 && in.size(0) < dense_rows_) {
+      y = at::_weight_int4pack_mm_for_cpu(in, l.w[j], group_, l.scales_zeros[j]);
+    } else {
+      const at::Tensor& w = kind_ == Kind::kInt4 ? l.dense[j] : l.w[j];
+      torch::jit::Stack stack{in.to(w.scalar_type()), w, c10::IValue(), std::string("none"),
+                              c10::List<std::optional<at::Scalar>>(), std::string("")};
+      linear_pointwise_.callBoxed(&stack);
+      y = stack[0].toTensor().to(in.scalar_type());
+    }
+    return bias.defined() ? y + bias : y;
   }
 
-  void norm_rows(const float* xs, const at::Tensor& w, at::Tensor& out, int64_t rows,
+  template <typename T>
+  void norm_rows(const float* xs, const at::Tensor& w, T* out, int64_t rows,
                  int64_t hidden) const {
-    BF16* o = out.data_ptr<BF16>();
     for (int64_t b = 0; b < rows; ++b)
-      rms_norm(xs + b * hidden, w.data_ptr<float>(), o + b * hidden, hidden, eps_);
+      rms_norm(xs + b * hidden, w.data_ptr<float>(), out + b * hidden, hidden, eps_);
   }
 
-  static void add_rows(float* xs, const at::Tensor& delta, int64_t n) {
-    const BF16* d = delta.data_ptr<BF16>();
-    for (int64_t i = 0; i < n; ++i) xs[i] += static_cast<float>(d[i]);
+  template <typename T>
+  static void add_rows(float* xs, const T* delta, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) xs[i] += static_cast<float>(delta[i]);
   }
 
   // One row's g query heads of KV head kh: attend to the slot's visible keys (sinks scored
   // with the query at its cache position, the window at its absolute one) and the row's
-  // own key; write the bfloat16 output, then the row's key and value into the slot.
+  // own key; write the output (in T), then the row's key and value into the slot.
+  template <typename T>
   void attend(const Layer& l, const at::Tensor& qkv, at::Tensor& attn, int64_t b, int64_t kh,
               const int64_t* slot, const int64_t* pos, const at::Tensor& cos,
               const at::Tensor& sin) const {
     const int64_t hd = hd_, g = nh_ / nkv_, rows = qkv.size(0), t = pos[b];
-    const BF16* row = qkv.data_ptr<BF16>() + b * qkv.size(1);
+    const T* row = qkv.data_ptr<T>() + b * qkv.size(1);
     const float* cos_abs = cos.data_ptr<float>() + b * hd;
     const float* sin_abs = sin.data_ptr<float>() + b * hd;
     const float* cos_cache = cos_abs + rows * hd;
@@ -172,12 +201,12 @@ class FusedDecode {
     float* k_new = q_sink + g * hd;
     float* v_new = k_new + hd;
     for (int64_t j = 0; j < g; ++j) {
-      const BF16* q = row + (kh * g + j) * hd;
+      const T* q = row + (kh * g + j) * hd;
       rope(q, cos_abs, sin_abs, q_abs + j * hd, hd);
       rope(q, cos_cache, sin_cache, q_sink + j * hd, hd);
     }
     rope(row + (nh_ + kh) * hd, cos_abs, sin_abs, k_new, hd);
-    const BF16* v_raw = row + (nh_ + nkv_ + kh) * hd;
+    const T* v_raw = row + (nh_ + nkv_ + kh) * hd;
     for (int64_t i = 0; i < hd; ++i) v_new[i] = v_raw[i];
 
     // A session at position t holds keys at cache entries [0, min(t, S + W)).
@@ -214,8 +243,8 @@ class FusedDecode {
         for (int64_t i = 0; i < hd; ++i) o[i] += w * vr[i];
       }
     }
-    BF16* out = attn.data_ptr<BF16>() + b * nh_ * hd + kh * g * hd;
-    for (int64_t i = 0; i < g * hd; ++i) out[i] = BF16(acc[i]);
+    T* out = attn.data_ptr<T>() + b * nh_ * hd + kh * g * hd;
+    for (int64_t i = 0; i < g * hd; ++i) out[i] = T(acc[i]);
     // After every read of the slot: the entry overwritten may hold the key at t - W.
     const int64_t w_at = cache_index(t) * hd;
     std::copy(k_new, k_new + hd, kc + w_at);
@@ -226,6 +255,7 @@ class FusedDecode {
   at::Tensor kpos_;  // int64 [slots, S + W]: the absolute position at each cache entry
   int64_t nh_, nkv_, hd_, sinks_, window_, group_, dense_rows_, cache_len_ = 0;
   float eps_;
+  Kind kind_;
   c10::OperatorHandle linear_pointwise_;  // mkldnn::_linear_pointwise (prepacked weights)
 };
 
@@ -235,7 +265,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FusedDecode>(m, "FusedDecode")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, at::Tensor, int64_t, int64_t, int64_t,
-                          int64_t, int64_t, int64_t, int64_t, double>())
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          double>())
       .def("step", &FusedDecode::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,14 +1,16 @@
-"""Decode steps in one C++ call (CPU, int4 weights).
+"""Decode steps in one C++ call (CPU).
 
 A decode step of one session spends far longer in the ~250 ATen calls a layer between
 the matmuls (norms, RoPE, attention on rows of a few hundred values, each call costing
 microseconds of dispatch) than in arithmetic. `cpu_decode.cpp` runs a whole step of
-single-token rows: the matmuls through the same kernels as `quant.linear` (int4, or from
-`Int4Weight.dense_rows` rows the dense copy prepacked for oneDNN), everything between
-them as plain loops, attention split over the rows and KV heads on torch's intra-op
-threads. The embedding, the final norm and the output head stay in `Llama` (one call
-each). Numerics agree with the eager path to bfloat16 rounding
-(`tests/engine/test_cpu_decode.py`).
+single-token rows: the matmuls through the same kernels as `quant.linear` (int4 weights,
+or from `Int4Weight.dense_rows` rows their dense copies prepacked for oneDNN; prepacked
+bfloat16; plain float32 or bfloat16), everything between them as plain loops, attention
+split over the rows and KV heads on torch's intra-op threads. The embedding, the final
+norm and the output head stay in `Llama` (one call each). Numerics agree with the eager
+path to float32 rounding for float32 models and to bfloat16 rounding for bfloat16 ones
+(`tests/engine/test_cpu_decode.py`, and the float32 oracle tests, whose decode steps
+take this path).
 
 The extension is compiled on first use with the machine's C++ compiler (about 25 s on 2
 cores; cached under torch's extension directory, `TORCH_EXTENSIONS_DIR`). Where it
@@ -31,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.kv_cache import KVCache
-from service.engine.model import Llama
-from service.engine.quant import Int4Weight
+from service.engine.model import Layer, Llama
+from service.engine.quant import Int4Weight, PackedWeight, Weight
 from service.engine.rope import rope_tables
 from service.engine.scheduler import StepItem
 
@@ -56,26 +58,25 @@ def extension() -> ModuleType:
     )
 
 
+def projections(layer: Layer) -> tuple[Weight, ...]:
+    return layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down
+
+
 class FusedDecode:
     """The C++ decode step bound to one model's weights and one KV cache."""
 
     def __init__(self, model: Llama, kv: KVCache) -> None:
         cfg = model.cfg
         self.model = model
-        weights: list[torch.Tensor] = []
-        dense: list[torch.Tensor] = []
-        for layer in model.layers:
-            for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down):
-                assert isinstance(w, Int4Weight)
-                weights += [w.packed, w.scales_zeros]
-                dense.append(w.dense.packed)
-        first = model.layers[0].wqkv
-        assert isinstance(first, Int4Weight)
+        weights = [w for layer in model.layers for w in projections(layer)]
+        first = weights[0]
+        int4 = [w for w in weights if isinstance(w, Int4Weight)]
         self.impl = extension().FusedDecode(
             [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)],
             [layer.bqkv for layer in model.layers if layer.bqkv is not None],
-            weights,
-            dense,
+            [w.packed if isinstance(w, Int4Weight | PackedWeight) else w for w in weights],
+            [w.scales_zeros for w in int4],
+            [w.dense.packed for w in int4],
             [c for k, v in zip(kv.k, kv.v, strict=True) for c in (k, v)],
             kv.kpos,
             cfg.num_heads,
@@ -83,24 +84,27 @@ class FusedDecode:
             cfg.head_dim,
             kv.sinks,
             kv.window,
-            first.group,
-            first.dense_rows,
+            first.group if isinstance(first, Int4Weight) else 0,
+            first.dense_rows if isinstance(first, Int4Weight) else 0,
             cfg.rms_eps,
         )
+        self.bfloat16 = model.dtype == torch.bfloat16
         self.limit = kv.sinks + kv.window
 
     @staticmethod
     def build(model: Llama, kv: KVCache) -> FusedDecode | None:
-        """The fused step where it applies (CPU, every projection int4, a float32 cache)
-        and the extension builds; None otherwise (the caller keeps the eager path)."""
+        """The fused step where it applies (CPU, a float32 cache, every projection of one
+        kind: int4, prepacked or plain in the model's dtype) and the extension builds; None
+        otherwise (the caller keeps the eager path)."""
+        weights = [w for layer in model.layers for w in projections(layer)]
+        kinds = {type(w) for w in weights}
         applies = (
             model.device.type == "cpu"
             and kv.k[0].dtype == torch.float32
-            and all(
-                isinstance(w, Int4Weight)
-                for layer in model.layers
-                for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
-            )
+            and model.dtype in (torch.float32, torch.bfloat16)
+            and len(kinds) == 1
+            and kinds <= {Int4Weight, PackedWeight, torch.Tensor}
+            and all(not isinstance(w, torch.Tensor) or w.dtype == model.dtype for w in weights)
         )
         if not applies:
             return None
@@ -127,7 +131,7 @@ class FusedDecode:
             positions, positions.clamp(max=self.limit), m.inv_freq, torch.float32
         )
         x = F.embedding(tokens, m.embed).float()
-        x = self.impl.step(x, slots, positions, cos.squeeze(2), sin.squeeze(2))
+        x = self.impl.step(x, slots, positions, cos.squeeze(2), sin.squeeze(2), self.bfloat16)
         wanted = [i for i, it in enumerate(items) if it.want_logits or it.all_logits]
         if len(wanted) < len(items):
             x = x[wanted]

@@ -180,6 +180,7 @@ class CudaGraphRunner(TorchRunner):
         ahead: bool | None = None,
     ) -> None:
         super().__init__(config, model, extra_slots=1)
+        self.fused = None  # the CPU fused step: not this runner's (it runs off CUDA in tests)
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs
