@@ -62,7 +62,7 @@ class TorchRunner:
             device=model.device,
         )
         self.bytes_per_slot = self.kv.bytes_per_slot
-        # Steps of a few decode rows in one C++ call where it applies (CPU, int4).
+        # Decode-only steps in one C++ call where it applies (CPU; see cpu_decode).
         self.fused = FusedDecode.build(model, self.kv)
         self.logits_hook: LogitsHook | None = None  # diagnostics and tests: sees raw logits
 
