@@ -179,8 +179,8 @@ class CudaGraphRunner(TorchRunner):
         pdl: bool | None = None,
         ahead: bool | None = None,
     ) -> None:
-        super().__init__(config, model, extra_slots=1)
-        self.fused = None  # the CPU fused step: not this runner's (it runs off CUDA in tests)
+        # No CPU fused step: off CUDA this runner only serves tests of its own kernels.
+        super().__init__(config, model, extra_slots=1, fused=False)
         dev = model.device
         self.scratch_slot = config.max_sessions
         self.graphs = dev.type == "cuda" if graphs is None else graphs

@@ -46,9 +46,12 @@ class TorchRunner:
     """Llama forward + sampling over a preallocated `KVCache`.
 
     `extra_slots` adds KV slots past `config.max_sessions` that the scheduler never hands
-    out (the CUDA runner points the padding rows of a graph's batch at one)."""
+    out (the CUDA runner points the padding rows of a graph's batch at one). `fused`: take
+    the CPU fused decode step where it applies (`cpu_decode`; the CUDA runner does not)."""
 
-    def __init__(self, config: EngineConfig, model: Llama, *, extra_slots: int = 0) -> None:
+    def __init__(
+        self, config: EngineConfig, model: Llama, *, extra_slots: int = 0, fused: bool = True
+    ) -> None:
         cfg = model.cfg
         self.model = model
         self.kv = KVCache(
@@ -63,7 +66,7 @@ class TorchRunner:
         )
         self.bytes_per_slot = self.kv.bytes_per_slot
         # Decode-only steps in one C++ call where it applies (CPU; see cpu_decode).
-        self.fused = FusedDecode.build(model, self.kv)
+        self.fused = FusedDecode.build(model, self.kv) if fused else None
         self.logits_hook: LogitsHook | None = None  # diagnostics and tests: sees raw logits
 
     @torch.inference_mode()
