@@ -8,12 +8,15 @@ the query at n-1; eager attention (matmul, float32 softmax, matmul).
 `step` runs the model's own forward (`hf(input_ids)`) with every attention module's
 `forward` replaced, which is how the reference code hooks in; `lean_step` calls the same
 modules from a plain loop, without transformers' per-layer machinery (a faster variant
-of the same method, reported beside it).
+of the same method, reported beside it). `PlainDecode` is no StreamingLLM at all: the
+model's own forward over a DynamicCache kept at a fixed length, no re-rotation (the
+issue's orientation figure, to tell a slow host from a slow method).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 
@@ -97,3 +100,27 @@ class HFStreamingReference:
             self.values.append(values)
         else:
             self.keys[i], self.values[i] = keys, values
+
+
+class PlainDecode:
+    """Plain decode through `hf`'s own forward and attention implementation, a DynamicCache
+    holding `keys`/`values` and cut back to their length after every step; greedy from
+    `token`, one token id read back a step (as the reference loop)."""
+
+    def __init__(
+        self, hf: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor], token: int
+    ) -> None:
+        self.hf, self.n, self.token = hf, keys[0].shape[2], token
+        self.cache = DynamicCache(config=hf.config)
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.cache.update(k.clone(), v.clone(), i)
+
+    @torch.inference_mode()
+    def step(self, attn: str) -> None:
+        """One greedy step with attention implementation `attn` ("eager" or "sdpa")."""
+        self.hf.set_attn_implementation(attn)
+        ids = torch.tensor([[self.token]], device=self.hf.lm_head.weight.device)
+        out = self.hf(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, -self.n :], layer.values[:, :, -self.n :]
+        self.token = int(out.logits[0, -1].argmax())
