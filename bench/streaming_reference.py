@@ -3,7 +3,9 @@
 As in mit-han-lab/streaming-llm: batch 1, keys kept *before* RoPE, after each token the
 cache is cut to the S first plus the W last entries (a `torch.cat` of the two slices per
 layer), and every step re-rotates the whole cache at positions 0..n-1 within the cache,
-the query at n-1; eager attention (matmul, float32 softmax, matmul).
+the query at n-1; eager attention (matmul, float32 softmax, matmul). Where this leaves
+the reference code it is in the reference's favour: no attention-mask add, cos/sin rows
+sliced from one table rather than gathered by position ids.
 
 `step` runs the model's own forward (`hf(input_ids)`) with every attention module's
 `forward` replaced, which is how the reference code hooks in; `lean_step` calls the same
@@ -17,7 +19,13 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of one tensor [1, heads, n, hd] at the table's n rows (the reference's
+    single-tensor rotation; transformers' `apply_rotary_pos_emb` would rotate two)."""
+    return x * cos + rotate_half(x) * sin
 
 
 class HFStreamingReference:
@@ -59,13 +67,13 @@ class HFStreamingReference:
         keys = torch.cat([self.keys[i], k], dim=2) if len(self.keys) > i else k
         values = torch.cat([self.values[i], v], dim=2) if len(self.values) > i else v
         n = keys.shape[2]
-        cos, sin = self.cos[:n][None], self.sin[:n][None]
-        q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - 1 :], sin[:, n - 1 :])
-        k_rot, _ = apply_rotary_pos_emb(keys, keys, cos, sin)  # the whole cache, again
+        cos, sin = self.cos[:n], self.sin[:n]
+        q_rot = rotate(q, cos[n - 1 :], sin[n - 1 :])
+        k_rot = rotate(keys, cos, sin)  # the whole cache, again
         k_rot = repeat_kv(k_rot, self.nh // self.nkv)
         vals = repeat_kv(values, self.nh // self.nkv)
         scores = q_rot @ k_rot.transpose(2, 3) / self.hd**0.5
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ vals).transpose(1, 2).reshape(1, 1, self.nh * self.hd)
         self._store(i, keys, values)
         return attn.o_proj(out)
