@@ -520,7 +520,9 @@ def main() -> None:
     result: dict = {
         "device": name,
         "torch": torch.__version__,
-        "command": "python3 bench/gpu.py" + (" --smoke" if args.smoke else ""),
+        "command": "python3 bench/gpu.py"
+        + (" --smoke" if args.smoke else "")
+        + (f" --skip {args.skip}" if args.skip else ""),
     }
     try:
         import triton
