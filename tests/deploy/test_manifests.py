@@ -174,6 +174,20 @@ def test_the_images_pin_the_torch_and_model_packages_the_makefile_pins(variant) 
         assert "--index-url https://download.pytorch.org/whl/cpu" in text
 
 
+def test_the_cpu_image_has_the_compiler_and_a_cache_the_fused_decode_step_needs(
+    objects, variant
+) -> None:
+    if variant == "base":  # the CUDA runner has no use for it
+        installs = re.search(r"apt-get install ([^&]*)", DOCKERFILES["base"].read_text())
+        assert installs, "the CPU image installs no Debian packages"
+        assert "g++" in installs.group(1).split(), "without it the engine decodes eagerly"
+    # torch builds extensions under $XDG_CACHE_HOME: a writable volume, not the image.
+    triton = container(objects, "triton")
+    env = {e["name"]: e["value"] for e in triton["env"]}
+    volume = volume_of(triton, Path(env["XDG_CACHE_HOME"]) / "torch_extensions")
+    assert "emptyDir" in next(v for v in pod(objects)["volumes"] if v["name"] == volume)
+
+
 def test_the_configmap_settings_pass_the_strict_parser_the_triton_model_uses(
     objects, variant
 ) -> None:
