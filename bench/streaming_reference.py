@@ -124,9 +124,8 @@ class PlainDecode:
             self.cache.update(k.clone(), v.clone(), i)
 
     @torch.inference_mode()
-    def step(self, attn: str) -> None:
-        """One greedy step with attention implementation `attn` ("eager" or "sdpa")."""
-        self.hf.set_attn_implementation(attn)
+    def step(self) -> None:
+        """One greedy step, with the model's attention implementation as set."""
         ids = torch.tensor([[self.token]], device=self.hf.lm_head.weight.device)
         out = self.hf(input_ids=ids, past_key_values=self.cache, use_cache=True)
         for layer in self.cache.layers:
