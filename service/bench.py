@@ -270,7 +270,6 @@ async def _e2e(
             metrics_port=-1,
             triton_url=triton_url,
             auth_disabled=True,
-            max_sessions_per_caller=most,
             max_streams_per_caller=most,
             health_interval_s=0.5,
         )

@@ -24,6 +24,9 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from service.engine.perplexity import cache_shape, plot_running_ppl, read_text, streaming_nll
     from service.engine.runner import TorchRunner
 
+    if args.rebuild_every < 0:
+        print("--rebuild-every must be >= 0", file=sys.stderr)
+        return 2
     text = read_text(args.text)
     sinks, window = cache_shape(args.mode, args.sinks, args.window, args.tokens)
     config = engine_config(args, sinks=sinks, window=window, max_sessions=1)
@@ -38,7 +41,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         print("warning: dense past the training context is not meaningful", file=sys.stderr)
     runner = TorchRunner(config, model)
     with tqdm(total=args.tokens, desc=f"eval-ppl {args.mode}", unit="tok") as bar:
-        result = streaming_nll(runner, tokens, chunk=args.chunk, on_progress=bar.update)
+        result = streaming_nll(
+            runner,
+            tokens,
+            chunk=args.chunk,
+            rebuild_every=args.rebuild_every,
+            on_progress=bar.update,
+        )
     summary = {
         "mode": args.mode,
         "sinks": sinks,
@@ -49,6 +58,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
         "rss_mb_by_1k": [round(v, 1) for v in result.rss_mb],
         "dtype": config.dtype,
         "chunk": args.chunk,
+        "rebuild_every": args.rebuild_every,
     }
     if args.plot:
         plot_running_ppl(
@@ -57,7 +67,10 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{args.mode} {sinks}+{window}: ppl {summary['ppl']} over {args.tokens} tokens")
+        rebuilt = f", rebuilt every {args.rebuild_every}" if args.rebuild_every else ""
+        print(
+            f"{args.mode} {sinks}+{window}: ppl {summary['ppl']} over {args.tokens} tokens{rebuilt}"
+        )
     return 0
 
 
@@ -75,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=8000)
     p.add_argument("--mode", choices=("sinks", "window", "dense"), default="sinks")
     p.add_argument("--chunk", type=int, default=1, help="tokens per step (1 = token by token)")
+    p.add_argument(
+        "--rebuild-every",
+        type=int,
+        default=0,
+        help="recompute the cache from its token ids every N tokens, as a session moved "
+        "without its KV is (0 = never)",
+    )
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--plot", type=Path, help="PNG of perplexity per 1,000 tokens")
     p.set_defaults(func=cmd_eval_ppl)

@@ -37,6 +37,14 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _about(
+    metadata: tuple[tuple[str, str], ...], session_id: str | None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata of a call about an existing session: `x-session-id` lets a proxy route it
+    to the replica that keeps the session warm."""
+    return (*metadata, ("x-session-id", session_id)) if session_id else metadata
+
+
 def _first_request(
     session_id: str | None, system_prompt: str, defaults: pb.SamplingParams | None
 ) -> pb.ChatRequest:
@@ -77,7 +85,7 @@ class ChatClient:
         timeout: float | None = None,
     ) -> Conversation:
         """A Chat stream on a new session, or resuming `session_id`. Use `async with`."""
-        call = self._stub.Chat(metadata=self._metadata, timeout=timeout)
+        call = self._stub.Chat(metadata=_about(self._metadata, session_id), timeout=timeout)
         return Conversation(call, _first_request(session_id, system_prompt, defaults))
 
     async def create_session(self, system_prompt: str = "") -> pb.Session:
@@ -86,11 +94,12 @@ class ChatClient:
 
     async def get_session(self, session_id: str) -> pb.Session:
         req = pb.GetSessionRequest(session_id=session_id)
-        return (await self._stub.GetSession(req, metadata=self._metadata)).session
+        md = _about(self._metadata, session_id)
+        return (await self._stub.GetSession(req, metadata=md)).session
 
     async def delete_session(self, session_id: str) -> None:
         req = pb.DeleteSessionRequest(session_id=session_id)
-        await self._stub.DeleteSession(req, metadata=self._metadata)
+        await self._stub.DeleteSession(req, metadata=_about(self._metadata, session_id))
 
     async def list_sessions(self) -> list[pb.Session]:
         sessions: list[pb.Session] = []
@@ -247,7 +256,7 @@ class SyncChatClient:
     ) -> SyncConversation:
         return SyncConversation(
             self._stub,
-            self._metadata,
+            _about(self._metadata, session_id),
             _first_request(session_id, system_prompt, defaults),
             timeout,
         )
@@ -258,11 +267,12 @@ class SyncChatClient:
 
     def get_session(self, session_id: str) -> pb.Session:
         req = pb.GetSessionRequest(session_id=session_id)
-        return self._stub.GetSession(req, metadata=self._metadata).session
+        return self._stub.GetSession(req, metadata=_about(self._metadata, session_id)).session
 
     def delete_session(self, session_id: str) -> None:
         self._stub.DeleteSession(
-            pb.DeleteSessionRequest(session_id=session_id), metadata=self._metadata
+            pb.DeleteSessionRequest(session_id=session_id),
+            metadata=_about(self._metadata, session_id),
         )
 
     def list_sessions(self) -> list[pb.Session]:

@@ -47,6 +47,7 @@ class EngineConfig:
     max_new_tokens: int = 4096  # upper bound a request may ask for
     slot_wait_s: float = 30.0  # how long a new turn waits for a busy slot
     session_ttl_s: float = 3600.0  # idle sessions expire after this
+    max_sessions_per_owner: int = 64  # open sessions of one caller, in memory or stored
     threads: int = 0  # torch intra-op threads; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class EngineConfig:
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         need(self.slot_wait_s >= 0, "slot_wait_s", "must be >= 0")
         need(self.session_ttl_s > 0, "session_ttl_s", "must be > 0")
+        need(self.max_sessions_per_owner >= 1, "max_sessions_per_owner", "must be >= 1")
         need(self.threads >= 0, "threads", "must be >= 0")
 
     @property

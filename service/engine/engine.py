@@ -1,16 +1,24 @@
 """The engine: sessions with StreamingLLM caches served by one in-flight-batching loop.
 
+The engine is the one owner of a session's lifecycle: its id, owner, sampling defaults,
+TTL, busy state, turns and cache. With a session store (`store.StoreWriter`) it writes
+each session's record on open and at every turn's end (never per token, never waiting on
+the store), deletes it when the session ends or expires, and rebuilds a session it does
+not hold from its record (at most sinks + window tokens to prefill) when asked for it.
+
 Public API (thread-safe; the Triton model, the CLI and the tests use it):
 
-    engine = Engine.load(config)           # weights, tokenizer, runner (progress bar)
+    engine = Engine.load(config, store)    # weights, tokenizer, runner (progress bar)
     engine.start()                         # the step loop runs in its own thread
-    sid = engine.open_session(system="...")
-    turn = engine.submit(sid, "Hello", SamplingParams(), on_events)
+    sid = engine.open_session(system="...", owner="alice", sampling={"temperature": 0.7})
+    turn = engine.submit(sid, "Hello", {"max_new_tokens": 64}, on_events, owner="alice")
     async for event in engine.generate(sid, "Hello", SamplingParams()): ...
-    engine.cancel(turn); engine.end_session(sid); engine.stats()
+    engine.get_session(sid, "alice"); engine.list_sessions("alice")
+    engine.cancel(turn); engine.cancel_session(sid, "alice"); engine.end_session(sid)
     snaps = engine.export_sessions(); engine.import_sessions(snaps)   # across reloads
-    engine.shutdown()
+    engine.stats(); engine.shutdown()
 
+`owner=None` skips the ownership check (callers inside the process: CLI, benchmarks).
 `on_events(events)` is called from the engine thread once per step per turn with that
 step's events: `TokenEvent`s, and a `TurnEnd` last in the final call. Keep it short.
 """
@@ -22,8 +30,9 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 import torch
@@ -35,6 +44,7 @@ from service.engine.runner import Runner
 from service.engine.sampler import SampleRow
 from service.engine.scheduler import Scheduler, Session, Turn
 from service.engine.stops import StopMatcher
+from service.engine.store import SessionRecord, SessionStore, StoreUnavailable, StoreWriter
 from service.engine.tokenizer import IncrementalDecoder, Tokenizer
 from service.engine.types import (
     EngineError,
@@ -43,10 +53,12 @@ from service.engine.types import (
     Event,
     FinishReason,
     InvalidRequest,
+    PermissionDenied,
     ResourceExhausted,
     SamplingParams,
     SessionBusy,
     SessionInfo,
+    StoreUnreachable,
     TokenEvent,
     TurnEnd,
     UnknownSession,
@@ -54,6 +66,7 @@ from service.engine.types import (
 )
 
 OnEvents = Callable[[list[Event]], None]
+Sampling = SamplingParams | Mapping[str, Any]  # whole params, or overrides of the defaults
 
 
 @dataclass
@@ -69,6 +82,11 @@ class SessionSnapshot:
     owed: list[int]
     last_finished_eos: bool
     turns: int
+    owner: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    last_active: float = 0.0
+    version: int = 0
     kv: HostSlot | None = None
 
 
@@ -84,13 +102,26 @@ class _TurnState:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, runner: Runner, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        store: SessionStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
         self.runner = runner
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer)
         self.log = structlog.get_logger("sinkserve.engine")
+        self._clock = clock  # wall clock: TTLs and times outlive the process in records
         self._sched = Scheduler(config.max_sessions, config.step_token_budget, config.slot_wait_s)
+        self._writer = StoreWriter(store, clock=clock) if store is not None else None
+        # Every turn starts from these, then its session's defaults, then its own fields.
+        self._defaults = SamplingParams(
+            max_new_tokens=min(SamplingParams.max_new_tokens, config.max_new_tokens)
+        )
         self._sessions: dict[str, Session] = {}
         self._turns: dict[int, Turn] = {}
         self._lock = threading.Lock()
@@ -106,10 +137,11 @@ class Engine:
             slots=config.max_sessions,
             sinks=config.sinks,
             window=config.window,
+            store=type(store).__name__ if store is not None else None,
         )
 
     @classmethod
-    def load(cls, config: EngineConfig) -> Engine:
+    def load(cls, config: EngineConfig, store: SessionStore | None = None) -> Engine:
         """Load the checkpoint named by `config.model` (default: SmolLM2-135M-Instruct).
 
         Builds on one intra-op thread; the step thread takes `config.threads` (torch's
@@ -128,7 +160,7 @@ class Engine:
             runner, tokenizer = build_runner(config)
         finally:
             torch.set_num_threads(before)  # no team yet: one forms at the next parallel op
-        return cls(config, runner, tokenizer)
+        return cls(config, runner, tokenizer, store)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -138,7 +170,8 @@ class Engine:
             self._thread.start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Cancel every turn (each gets its TurnEnd), then stop the loop."""
+        """Cancel every turn (each gets its TurnEnd), stop the loop, then write every
+        record still waiting for the store (bounded by the same timeout)."""
         with self._lock:
             for turn in list(self._turns.values()):
                 turn.cancelled = True
@@ -151,35 +184,217 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+        if self._writer is not None:
+            self._writer.close(max(0.0, deadline - time.monotonic()) + 1.0)
+
+    def flush_store(self, timeout_s: float) -> bool:
+        """Wait until every record written so far reached the store (tests, shutdown)."""
+        return self._writer is None or self._writer.flush(timeout_s)
 
     # ---- sessions --------------------------------------------------------------------
 
-    def open_session(self, session_id: str | None = None, system: str | None = None) -> str:
+    def open_session(
+        self,
+        session_id: str | None = None,
+        system: str | None = None,
+        *,
+        owner: str = "",
+        sampling: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A new session of `owner`; `sampling` overrides the server's defaults for every
+        turn of it (validated here). ResourceExhausted past the owner's quota."""
+        defaults = dict(sampling or {})
+        self._defaults.updated(defaults).validate(self.config.max_new_tokens)
         sid = session_id or secrets.token_urlsafe(16)
-        limit = self.config.max_sessions + self.config.max_host_sessions
+        quota = self.config.max_sessions_per_owner
+        if len(self._owned_ids(owner)) >= quota:
+            raise ResourceExhausted(
+                f"owner {owner!r} already has {quota} sessions (the per-owner limit); end one first"
+            )
         with self._lock:
             if sid in self._sessions:
                 raise InvalidRequest(f"session {sid!r} already exists")
-            if len(self._sessions) >= limit:
-                raise ResourceExhausted(f"too many sessions ({limit})")
-            self._sessions[sid] = self._new_session(sid, system)
-        self.log.info("session opened", session_id=sid)
+            self._make_room()
+            s = self._new_session(sid, system)
+            s.owner, s.sampling, s.created_at = owner, defaults, s.last_used
+            self._sessions[sid] = s
+            self._persist(s)
+        self.log.info("session opened", session_id=sid, owner=owner)
         return sid
 
     def _new_session(self, sid: str, system: str | None) -> Session:
         c = self.config
-        return Session(sid, c.sinks, c.window, last_used=time.monotonic(), system=system)
+        now = self._clock()
+        return Session(sid, c.sinks, c.window, last_used=now, system=system, created_at=now)
+
+    def _make_room(self) -> None:
+        """Keep at most max_sessions + max_host_sessions sessions in memory (lock held):
+        with a store, the least recently used idle one leaves memory (its record stays)."""
+        limit = self.config.max_sessions + self.config.max_host_sessions
+        if len(self._sessions) < limit:
+            return
+        idle = [s for s in self._sessions.values() if s.turn is None]
+        if self._writer is None or not idle:
+            raise ResourceExhausted(f"too many sessions in memory ({limit})")
+        victim = min(idle, key=lambda s: s.last_used)
+        del self._sessions[victim.session_id]
+        slot = self._sched.release(victim)
+        if slot is not None:
+            self.runner.clear(slot)
+        self.log.info("session left memory", session_id=victim.session_id)
+
+    def _owned_ids(self, owner: str) -> set[str]:
+        with self._lock:
+            ids = {s.session_id for s in self._sessions.values() if s.owner == owner}
+        if self._writer is not None:
+            ids |= {r.session_id for r in self._stored(lambda w: w.owned_by(owner))}
+        return ids
+
+    def _stored(self, read: Callable[[StoreWriter], Any]) -> Any:
+        """`read(writer)`, with the store's failure as the engine's UNAVAILABLE error."""
+        assert self._writer is not None
+        try:
+            return read(self._writer)
+        except StoreUnavailable as exc:
+            raise StoreUnreachable(f"the session store is unreachable: {exc}") from None
+
+    def _session(self, session_id: str, owner: str | None) -> Session:
+        """The session, from memory or rebuilt from its record; NOT_FOUND, or
+        PERMISSION_DENIED when `owner` is given and is not its owner."""
+        if not session_id:
+            raise InvalidRequest("session_id is empty")
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            s = self._load(session_id)
+        if owner is not None and s.owner != owner:
+            raise PermissionDenied(f"session {session_id!r} belongs to another caller")
+        return s
+
+    def _load(self, session_id: str) -> Session:
+        """Bring a session back from its record: it is rebuilt from its tokens (at most
+        sinks + window) on its next turn. Store I/O happens outside the lock."""
+        unknown = UnknownSession(f"no session {session_id!r} (ended or expired?)")
+        if self._writer is None:
+            raise unknown
+        record: SessionRecord | None = self._stored(lambda w: w.get(session_id))
+        if record is None:
+            raise unknown
+        with self._lock:
+            if (s := self._sessions.get(session_id)) is not None:
+                return s  # loaded by another request meanwhile
+            self._make_room()
+            s = self._from_record(record)
+            self._sessions[session_id] = s
+        self.log.info("session loaded from the store", session_id=session_id, position=s.position)
+        return s
+
+    def _from_record(self, r: SessionRecord) -> Session:
+        s = self._new_session(r.session_id, r.system_prompt)
+        s.owner, s.sampling, s.version = r.owner, dict(r.sampling), r.version
+        s.created_at, s.last_used = r.created_at, r.last_active
+        s.position, s.turns, s.last_finished_eos = r.position, r.turns, r.last_finished_eos
+        self._set_tokens(s, list(r.sink_ids), list(r.window_ids), list(r.owed_ids))
+        return s
+
+    def _set_tokens(self, s: Session, sinks: list[int], window: list[int], owed: list[int]) -> None:
+        """Give a session without a cache its tokens, to be rebuilt on its next turn."""
+        s.sink_tokens = sinks[: s.sinks]
+        s.window_tokens.extend(window)
+        s.owed = owed
+        start = s.position - len(s.window_tokens)
+        s.rebuild = [(a, t) for a, t in ((0, s.sink_tokens), (start, list(s.window_tokens))) if t]
+
+    def _record(self, s: Session) -> SessionRecord:
+        return SessionRecord(
+            session_id=s.session_id,
+            owner=s.owner,
+            system_prompt=s.system,
+            sampling=dict(s.sampling),
+            sink_ids=tuple(s.sink_tokens),
+            window_ids=tuple(s.window_tokens),
+            owed_ids=tuple(s.owed),
+            position=s.position,
+            turns=s.turns,
+            last_finished_eos=s.last_finished_eos,
+            created_at=s.created_at,
+            last_active=s.last_used,
+            expire_at=s.last_used + self.config.session_ttl_s,
+            version=s.version,
+        )
+
+    def _persist(self, s: Session) -> None:
+        """Queue the session's record for the store (lock held; never waits on I/O)."""
+        if self._writer is not None:
+            s.version += 1
+            self._writer.put(self._record(s))
 
     def has_session(self, session_id: str) -> bool:
+        """Whether the session is in this engine's memory (the store is not asked)."""
         with self._lock:
             return session_id in self._sessions
 
-    def end_session(self, session_id: str) -> None:
-        """Forget the session and free its slot; a running turn is cancelled first."""
+    def get_session(self, session_id: str, owner: str | None = None) -> SessionInfo:
+        s = self._session(session_id, owner)
         with self._lock:
-            s = self._sessions.get(session_id)
-            if s is None:
-                raise UnknownSession(f"unknown session {session_id!r}")
+            return self._info(s)
+
+    def list_sessions(self, owner: str) -> list[SessionInfo]:
+        """The owner's sessions, in memory or only stored, oldest first."""
+        with self._lock:
+            held = [s for s in self._sessions.values() if s.owner == owner]
+            mine = {s.session_id: self._info(s) for s in held}
+        if self._writer is not None:
+            for r in self._stored(lambda w: w.owned_by(owner)):
+                mine.setdefault(r.session_id, self._stored_info(r))
+        return sorted(mine.values(), key=lambda i: (i.created_at, i.session_id))
+
+    def _info(self, s: Session) -> SessionInfo:
+        state = (
+            ("generating" if s.slot is not None else "waiting")
+            if s.turn is not None
+            else "slot"
+            if s.slot is not None
+            else "host"
+            if s.host is not None
+            else "new"  # never in a slot yet, or waiting to be rebuilt
+        )
+        return SessionInfo(
+            session_id=s.session_id,
+            owner=s.owner,
+            position=s.position,
+            cached_tokens=s.cached_tokens,
+            evicted_tokens=s.evicted_tokens,
+            turns=s.turns,
+            turn_running=s.turn is not None,
+            created_at=s.created_at,
+            last_active=s.last_used,
+            expire_at=s.last_used + self.config.session_ttl_s,
+            state=state,
+        )
+
+    def _stored_info(self, r: SessionRecord) -> SessionInfo:
+        return SessionInfo(
+            session_id=r.session_id,
+            owner=r.owner,
+            position=r.position,
+            cached_tokens=len(r.sink_ids) + len(r.window_ids),
+            evicted_tokens=r.evicted,
+            turns=r.turns,
+            turn_running=False,
+            created_at=r.created_at,
+            last_active=r.last_active,
+            expire_at=r.expire_at,
+            state="stored",
+        )
+
+    def end_session(self, session_id: str, owner: str | None = None) -> None:
+        """End the session: its slot is freed and its record deleted; a running turn is
+        cancelled first (it gets its TurnEnd, then the session ends)."""
+        s = self._session(session_id, owner)
+        with self._lock:
+            if self._sessions.get(session_id) is not s:
+                return  # ended meanwhile
             if s.turn is not None:
                 s.turn.cancelled = True
                 s.turn.state.end_session = True  # the loop ends it after the turn
@@ -187,11 +402,24 @@ class Engine:
                 return
             self._drop(s)
 
+    def cancel_session(self, session_id: str, owner: str | None = None) -> bool:
+        """Cancel the session's running turn, if any (its TurnEnd(CANCELLED) arrives
+        within one step); returns whether one was running."""
+        s = self._session(session_id, owner)
+        with self._lock:
+            if s.turn is None:
+                return False
+            s.turn.cancelled = True
+            self._wake.notify()
+            return True
+
     def _drop(self, s: Session) -> None:
         del self._sessions[s.session_id]
         slot = self._sched.release(s)
         if slot is not None:
             self.runner.clear(slot)
+        if self._writer is not None:
+            self._writer.delete(s.session_id)
         self.log.info("session ended", session_id=s.session_id)
 
     # ---- turns -----------------------------------------------------------------------
@@ -200,32 +428,39 @@ class Engine:
         self,
         session_id: str,
         prompt: str | Sequence[int],
-        params: SamplingParams,
+        params: Sampling,
         on_events: OnEvents,
         *,
         raw: bool = False,
+        owner: str | None = None,
     ) -> int:
-        """Queue a turn; returns its id. Raises an EngineError for requests that cannot
-        run; everything after that arrives through `on_events`."""
-        params.validate(self.config.max_new_tokens)
+        """Queue a turn; returns its id. `params` are whole SamplingParams, or overrides
+        of the session's defaults. Raises an EngineError for requests that cannot run;
+        everything after that arrives through `on_events`."""
         if not prompt:
             raise InvalidRequest("empty prompt")
+        s = self._session(session_id, owner)
+        if not isinstance(params, SamplingParams):
+            params = self._defaults.updated(s.sampling).updated(params)
+        params.validate(self.config.max_new_tokens)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("engine is shutting down")
-            s = self._sessions.get(session_id)
-            if s is None:
-                raise UnknownSession(f"unknown session {session_id!r}")
             if s.turn is not None:
-                raise SessionBusy(f"session {session_id!r} has a turn running")
+                raise SessionBusy(
+                    f"session {session_id!r} already has a turn running; wait for its "
+                    "TurnEnd or cancel it"
+                )
             first, finished_eos = s.turns == 0 and s.position == 0, s.last_finished_eos
             system = s.system
         tokens = self._encode(prompt, raw=raw, first=first, system=system, eos=finished_eos)
         if any(not 0 <= t < self.tokenizer.vocab_size for t in tokens):
             raise InvalidRequest("token id out of range")
         with self._lock:
-            if s.turn is not None or self._sessions.get(session_id) is not s:
-                raise SessionBusy(f"session {session_id!r} changed while submitting")
+            if self._sessions.get(session_id) is not s:
+                raise UnknownSession(f"session {session_id!r} ended while submitting")
+            if s.turn is not None:
+                raise SessionBusy(f"session {session_id!r} has a turn running")
             turn = Turn(
                 turn_id=self._sched.next_turn_id(),
                 session=s,
@@ -242,6 +477,7 @@ class Engine:
             )
             s.owed, s.turn = [], turn
             s.turns += 1
+            s.last_used = self._clock()
             self._turns[turn.turn_id] = turn
             self._sched.add(turn)
             self._wake.notify()
@@ -271,9 +507,10 @@ class Engine:
         self,
         session_id: str,
         prompt: str | Sequence[int],
-        params: SamplingParams,
+        params: Sampling,
         *,
         raw: bool = False,
+        owner: str | None = None,
     ) -> AsyncIterator[Event]:
         """asyncio view of `submit`: yields events; leaving early cancels the turn."""
         loop = asyncio.get_running_loop()
@@ -282,7 +519,7 @@ class Engine:
         def deliver(events: list[Event]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, events)  # raises once loop closed
 
-        turn_id = self.submit(session_id, prompt, params, deliver, raw=raw)
+        turn_id = self.submit(session_id, prompt, params, deliver, raw=raw, owner=owner)
         done = False
         try:
             while not done:
@@ -313,6 +550,11 @@ class Engine:
                         owed=list(s.owed) if s.turn is None else [],
                         last_finished_eos=s.last_finished_eos,
                         turns=s.turns,
+                        owner=s.owner,
+                        sampling=dict(s.sampling),
+                        created_at=s.created_at,
+                        last_active=s.last_used,
+                        version=s.version,
                         kv=kv if not s.rebuild else None,
                     )
                 )
@@ -324,16 +566,13 @@ class Engine:
         with self._lock:
             for snap in snapshots:
                 s = self._new_session(snap.session_id, snap.system)
+                s.owner, s.sampling, s.version = snap.owner, dict(snap.sampling), snap.version
+                s.created_at, s.last_used = snap.created_at, snap.last_active
                 s.position, s.turns = snap.position, snap.turns
-                s.sink_tokens = list(snap.sink_tokens[: s.sinks])
-                s.window_tokens.extend(snap.window_tokens)
-                s.owed, s.last_finished_eos = list(snap.owed), snap.last_finished_eos
+                s.last_finished_eos = snap.last_finished_eos
+                self._set_tokens(s, snap.sink_tokens, snap.window_tokens, snap.owed)
                 if snap.kv is not None:
-                    s.host = snap.kv
-                else:
-                    start = s.position - len(s.window_tokens)
-                    s.rebuild = [(0, s.sink_tokens), (start, list(s.window_tokens))]
-                    s.rebuild = [(a, t) for a, t in s.rebuild if t]
+                    s.host, s.rebuild = snap.kv, []
                 self._sessions[s.session_id] = s
 
     # ---- stats -----------------------------------------------------------------------
@@ -341,27 +580,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             sessions = list(self._sessions.values())
-            infos = tuple(
-                SessionInfo(
-                    session_id=s.session_id,
-                    position=s.position,
-                    cached_tokens=s.cached_tokens,
-                    evicted_tokens=s.evicted_tokens,
-                    state=(
-                        "generating"
-                        if s.turn is not None and s.slot is not None
-                        else "waiting"
-                        if s.turn is not None
-                        else "slot"
-                        if s.slot is not None
-                        else "host"
-                        if s.host is not None
-                        else "new"  # never in a slot yet, or waiting to be rebuilt
-                    ),
-                    turns=s.turns,
-                )
-                for s in sessions
-            )
+            w = self._writer
             return EngineStats(
                 slots_total=self.config.max_sessions,
                 slots_free=self._sched.slots.num_free,
@@ -375,7 +594,9 @@ class Engine:
                 evicted_tokens=self._counters["evicted"],
                 steps=self._counters["steps"],
                 bytes_per_slot=self.runner.bytes_per_slot,
-                session_info=infos,
+                store_healthy=w is None or w.healthy,
+                store_pending=0 if w is None else w.pending,
+                store_write_errors=0 if w is None else w.write_errors,
             )
 
     def take_step_seconds(self) -> list[float]:
@@ -507,7 +728,7 @@ class Engine:
             [turn.next_token] if turn.next_token is not None else []
         )
         s.last_finished_eos = eos
-        s.last_used = time.monotonic()
+        s.last_used = self._clock()
         usage = Usage(
             prompt_tokens=turn.state.prompt_tokens,
             generated_tokens=len(turn.generated),
@@ -518,6 +739,8 @@ class Engine:
         tail = turn.state.stops.flush() if flush else ""
         if turn.state.end_session:
             self._drop(s)
+        else:
+            self._persist(s)
         return [TurnEnd(reason, usage, text=tail, error=error, error_code=code)]
 
     def _expire(self, now: float) -> None:
@@ -525,9 +748,9 @@ class Engine:
         if now - self._last_expiry < 1.0:
             return
         self._last_expiry = now
-        ttl = self.config.session_ttl_s
+        wall, ttl = self._clock(), self.config.session_ttl_s
         for s in [s for s in self._sessions.values() if s.turn is None]:
-            if now - s.last_used > ttl:
+            if wall - s.last_used > ttl:
                 self._drop(s)
 
 

@@ -4,6 +4,10 @@ The text is fed to one KV slot exactly as a session's turns are: `chunk` tokens 
 (1 = one token at a time, as in decode). A chunk's per-token logits equal those of feeding
 its tokens one by one (each query sees its own sinks + window; tests prove it), so larger
 chunks only make long evaluations affordable on a CPU.
+
+`rebuild_every` measures what a session rebuilt from its token ids (a new process, no KV:
+`Engine.import_sessions`) loses: the cache is recomputed from the ids it holds, so once
+tokens were evicted the window's keys see less context than they first had.
 """
 
 from __future__ import annotations
@@ -58,24 +62,48 @@ def streaming_nll(
     tokens: list[int],
     *,
     chunk: int = 1,
+    rebuild_every: int = 0,
     on_progress: Callable[[int], object] = lambda n: None,
 ) -> PplResult:
-    """Feed tokens[:-1] through slot 0 and score each next token."""
+    """Feed tokens[:-1] through slot 0 and score each next token.
+
+    `rebuild_every` > 0: after every that many tokens fed, slot 0 is refilled from the ids
+    it holds (`rebuild`), as a session imported without its KV is; 0 = never."""
     runner.clear(0)
     inputs = torch.tensor(tokens, dtype=torch.long)
-    nll = torch.empty(len(tokens) - 1, dtype=torch.float64)
+    n = len(tokens) - 1
+    nll = torch.empty(n, dtype=torch.float64)
     rss: list[float] = []
-    for start in range(0, len(tokens) - 1, chunk):
-        piece = tokens[start : min(start + chunk, len(tokens) - 1)]
+    start = 0
+    while start < n:
+        end = min(start + chunk, n)
+        if rebuild_every:  # a piece never crosses a rebuild point
+            end = min(end, (start // rebuild_every + 1) * rebuild_every)
+        piece = tokens[start:end]
         logits = runner.logits([StepItem(0, piece, start, True, all_logits=True)])
-        targets = inputs[start + 1 : start + 1 + len(piece)]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        nll[start : start + len(piece)] = -logp.gather(1, targets[:, None]).squeeze(1)
-        done = start + len(piece)
-        if done // 1000 > len(rss):
+        nll[start:end] = -logp.gather(1, inputs[start + 1 : end + 1, None]).squeeze(1)
+        if end // 1000 > len(rss):
             rss.append(rss_mb())
         on_progress(len(piece))
+        if rebuild_every and end % rebuild_every == 0 and end < n:
+            rebuild(runner, tokens[:end], chunk)
+        start = end
     return PplResult(nll=nll, rss_mb=rss)
+
+
+def rebuild(runner: TorchRunner, fed: list[int], chunk: int) -> None:
+    """Clear slot 0 and prefill, `chunk` tokens a step, the ids its cache holds after
+    `fed`: the sinks at positions 0.., then the window (the last `window` ids after the
+    sinks) at its absolute start, as the scheduler feeds `Session.rebuild`. Every key gets
+    back its position; what changes is that window keys are recomputed attending only the
+    sinks and the window ids before them, not the evicted ids they saw the first time."""
+    sinks, window = runner.kv.sinks, runner.kv.window
+    start = max(sinks, len(fed) - window)
+    runner.clear(0)
+    for first, ids in ((0, fed[:sinks]), (start, fed[start:])):
+        for i in range(0, len(ids), chunk):
+            runner.logits([StepItem(0, ids[i : i + chunk], first + i, False)])
 
 
 def plot_running_ppl(curves: dict[str, list[float]], path: Path, title: str) -> None:

@@ -62,8 +62,12 @@ class Session:
     session_id: str
     sinks: int
     window: int
-    last_used: float
+    last_used: float  # wall-clock seconds: it outlives the process (the session record)
     system: str | None = None
+    owner: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)  # the session's sampling defaults
+    created_at: float = 0.0
+    version: int = 0  # of the last record written to the session store
     position: int = 0
     sink_tokens: list[int] = field(default_factory=list)
     window_tokens: deque[int] = field(default_factory=deque)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from enum import Enum
+from typing import Any
 
 
 class EngineError(Exception):
@@ -20,6 +22,12 @@ class UnknownSession(EngineError):
     code = "NOT_FOUND"
 
 
+class PermissionDenied(EngineError):
+    """The session belongs to another owner."""
+
+    code = "PERMISSION_DENIED"
+
+
 class SessionBusy(EngineError):
     """A turn was submitted while the session's previous turn is still running."""
 
@@ -33,6 +41,12 @@ class ResourceExhausted(EngineError):
 
 
 class EngineStopped(EngineError):
+    code = "UNAVAILABLE"
+
+
+class StoreUnreachable(EngineError):
+    """A session had to be read from the session store, and the store did not answer."""
+
     code = "UNAVAILABLE"
 
 
@@ -74,6 +88,44 @@ class SamplingParams:
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
 
+    def updated(self, overrides: Mapping[str, Any]) -> SamplingParams:
+        """These params with `overrides` (field name -> plain JSON-like value) applied;
+        InvalidRequest names an unknown field or a value of the wrong kind. Not validated:
+        call `validate` on the result."""
+        kinds = {f.name: f.type for f in fields(self)}
+        values: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in kinds:
+                raise InvalidRequest(f"unknown sampling field {key!r}")
+            try:
+                values[key] = _coerce(str(kinds[key]), value)
+            except (TypeError, ValueError):
+                raise InvalidRequest(f"sampling field {key}={value!r} has the wrong type") from None
+        return replace(self, **values)
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    """A JSON-like value as the SamplingParams field of annotation `kind` wants it."""
+    if kind.startswith("tuple[str"):
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise TypeError(kind)
+        return tuple(value)
+    if kind.startswith("tuple[int"):
+        return tuple(int(v) for v in value)
+    if value is None and "None" in kind:
+        return None
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise TypeError(kind)
+        return value
+    if isinstance(value, bool):
+        raise TypeError(kind)
+    if kind.startswith("int"):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(kind)
+        return int(value)
+    return float(value)
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -111,12 +163,21 @@ Event = TokenEvent | TurnEnd
 
 @dataclass(frozen=True)
 class SessionInfo:
+    """A session as its owner sees it. Times are wall-clock seconds since the epoch."""
+
     session_id: str
+    owner: str
     position: int
     cached_tokens: int
     evicted_tokens: int
-    state: str  # "generating" | "waiting" | "slot" | "host" | "new"
     turns: int
+    turn_running: bool
+    created_at: float
+    last_active: float
+    expire_at: float
+    # "generating" | "waiting" | "slot" | "host" | "new" (no cache yet, or to be rebuilt
+    # from its tokens) | "stored" (only in the session store)
+    state: str
 
 
 @dataclass(frozen=True)
@@ -133,4 +194,6 @@ class EngineStats:
     evicted_tokens: int  # tokens that left a window (rebuilt sessions do not count twice)
     steps: int
     bytes_per_slot: int
-    session_info: tuple[SessionInfo, ...] = field(default=())
+    store_healthy: bool = True  # the last write to the session store succeeded
+    store_pending: int = 0  # records waiting to be written
+    store_write_errors: int = 0  # failed write attempts since start

@@ -1,13 +1,15 @@
-"""The gateway's only way to the model: Triton's gRPC API, one `stream_infer` per turn.
+"""The gateway's only way to the model: Triton's gRPC API, one `stream_infer` per request.
 
-One Triton stream per turn means cancelling a turn is closing its stream: Triton then marks
-the request cancelled and the model stops it. Tensor names follow the model interface in
-notes/CONTRACT.md (model `sinkserve`, decoupled).
+A turn is one decoupled request whose responses stream its tokens; every session call
+(open, get, end, cancel, list, ping) is one request answered by one `session_info`
+response. One Triton stream per turn means that closing it cancels the turn on the model
+too. The model's tensor interface is described in triton_model_repo/sinkserve/config.pbtxt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,9 +25,9 @@ from service.gateway.errors import GatewayError, from_rpc_error, from_triton_mes
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling of one turn; None = the model's default."""
+    """Sampling fields a request sets; None = not set (the session's or server's default)."""
 
-    max_tokens: int
+    max_tokens: int | None = None
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
@@ -37,12 +39,10 @@ class Sampling:
 @dataclass(frozen=True)
 class TurnRequest:
     session_id: str
+    owner: str
     text: str
     sampling: Sampling
     raw: bool = False
-    start_session: bool = False  # create the session on the model first
-    system_prompt: str = ""  # with start_session
-    end_session: bool = False  # end the session after this turn
 
 
 @dataclass(frozen=True)
@@ -78,16 +78,21 @@ class TritonBackend:
     async def close(self) -> None:
         await self._client.close()
 
-    async def ready(self) -> bool:
-        """True when Triton answers and the model is loaded and ready."""
+    async def ready(self) -> str | None:
+        """None when Triton is up and the model itself answers a ping; else why not.
+        (Triton reports a model ready even when its Python-backend process has died.)"""
         try:
-            return bool(
-                await self._client.is_server_ready(client_timeout=self._probe_timeout_s)
-            ) and bool(
-                await self._client.is_model_ready(self.model, client_timeout=self._probe_timeout_s)
-            )
-        except (InferenceServerException, grpc.RpcError, OSError):
-            return False
+            if not await self._client.is_server_ready(client_timeout=self._probe_timeout_s):
+                return "Triton is not ready"
+        except (InferenceServerException, grpc.RpcError, OSError) as exc:
+            return f"Triton unreachable: {exc}"
+        try:
+            await asyncio.wait_for(self.call("ping"), self._probe_timeout_s)
+        except GatewayError as err:
+            return err.message
+        except asyncio.TimeoutError:
+            return f"the model did not answer a ping within {self._probe_timeout_s:g}s"
+        return None
 
     async def cache_shape(self) -> tuple[int, int] | None:
         """(sinks, window) from the model config's parameters, when it states them."""
@@ -100,6 +105,23 @@ class TritonBackend:
         except (InferenceServerException, grpc.RpcError, OSError, KeyError, ValueError):
             return None
 
+    async def call(self, action: str, session_id: str = "", owner: str = "", **fields: Any) -> Any:
+        """A session call (open, get, end, cancel, list, ping): the model's JSON answer.
+        `fields` are more inputs: system_prompt (str) and sampling (a Sampling)."""
+        inputs = [_string("request_type", action), _string("owner", owner)]
+        if session_id:
+            inputs.append(_string("session_id", session_id))
+        if system := fields.get("system_prompt"):
+            inputs.append(_string("system_prompt", system))
+        if (sampling := fields.get("sampling")) is not None:
+            inputs += _sampling_inputs(sampling)
+        async for result in self._responses(inputs, timeout_s=30.0):
+            out = result.as_numpy("session_info")
+            if out is None:
+                raise GatewayError(grpc.StatusCode.INTERNAL, f"no session_info in {action} answer")
+            return json.loads(out.reshape(-1)[0])
+        raise GatewayError(grpc.StatusCode.UNAVAILABLE, "Triton closed the stream unanswered")
+
     async def turn(
         self, req: TurnRequest, timeout_s: float | None = None
     ) -> AsyncIterator[TurnEvent]:
@@ -108,41 +130,49 @@ class TritonBackend:
         Closing the iterator early (or cancelling the task consuming it) cancels the Triton
         stream, which cancels the request on the model.
         """
+        inputs = [
+            _string("text_input", req.text),
+            _string("session_id", req.session_id),
+            _string("owner", req.owner),
+            _tensor("stream", "BOOL", np.array([True])),
+            *_sampling_inputs(req.sampling),
+        ]
+        if req.raw:
+            inputs.append(_tensor("raw_prompt", "BOOL", np.array([True])))
+        async for result in self._responses(inputs, timeout_s):
+            delta, final = _read(result)
+            if delta is not None:
+                yield delta
+            if final is not None:
+                yield final
+                return
+        raise GatewayError(
+            grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the turn ended"
+        )
+
+    async def _responses(
+        self, inputs: list[InferInput], timeout_s: float | None
+    ) -> AsyncIterator[Any]:
+        """The responses of one request; in-band errors and failed calls as GatewayError.
+        Leaving early cancels the Triton stream."""
         done = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.model, "inputs": _inputs(req)}
+            yield {"model_name": self.model, "inputs": inputs}
             # Keep the stream open until the final response; ending it half-closes.
             await done.wait()
 
         responses = self._client.stream_infer(requests(), stream_timeout=timeout_s)
-        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
                     raise from_triton_message(str(error.message()))
-                delta, final = _read(result)
-                if delta is not None:
-                    yield delta
-                if final is not None:
-                    finished = True
-                    yield final
-                    return
-            raise GatewayError(
-                grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the turn ended"
-            )
+                yield result
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
             done.set()
-            if not finished:
-                responses.cancel()
-
-    async def end_session(self, session_id: str) -> None:
-        """End the session on the model (frees its cache); GatewayError on failure."""
-        req = TurnRequest(session_id, "", Sampling(max_tokens=1), end_session=True)
-        async for _ in self.turn(req, timeout_s=30.0):
-            pass
+            responses.cancel()
 
 
 def _tensor(name: str, datatype: str, values: np.ndarray) -> InferInput:
@@ -155,32 +185,20 @@ def _string(name: str, *values: str) -> InferInput:
     return _tensor(name, "BYTES", np.array([v.encode() for v in values], dtype=np.object_))
 
 
-def _inputs(req: TurnRequest) -> list[InferInput]:
-    s = req.sampling
-    inputs = [
-        _string("text_input", req.text),
-        _string("session_id", req.session_id),
-        _tensor("max_tokens", "INT32", np.array([s.max_tokens], dtype=np.int32)),
-        _tensor("stream", "BOOL", np.array([True])),
-    ]
-    if req.start_session:
-        inputs.append(_tensor("start_session", "BOOL", np.array([True])))
-        if req.system_prompt:
-            inputs.append(_string("system_prompt", req.system_prompt))
-    if req.end_session:
-        inputs.append(_tensor("end_session", "BOOL", np.array([True])))
-    if req.raw:
-        inputs.append(_tensor("raw_prompt", "BOOL", np.array([True])))
-    optional = (
+def _sampling_inputs(s: Sampling) -> list[InferInput]:
+    fields = (
+        ("max_tokens", "INT32", np.int32, s.max_tokens),
         ("temperature", "FP32", np.float32, s.temperature),
         ("top_k", "INT32", np.int32, s.top_k),
         ("top_p", "FP32", np.float32, s.top_p),
         ("repetition_penalty", "FP32", np.float32, s.repetition_penalty),
         ("random_seed", "UINT64", np.uint64, s.seed),
     )
-    for name, datatype, dtype, value in optional:
-        if value is not None:
-            inputs.append(_tensor(name, datatype, np.array([value], dtype=dtype)))
+    inputs = [
+        _tensor(name, datatype, np.array([value], dtype=dtype))
+        for name, datatype, dtype, value in fields
+        if value is not None
+    ]
     if s.stop:
         inputs.append(_string("stop_words", *s.stop))
     return inputs

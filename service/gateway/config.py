@@ -9,7 +9,8 @@ from service.config import ConfigError
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Settings of the gateway. Every field is checked in `__post_init__` (ConfigError)."""
+    """Settings of the gateway. Every field is checked in `__post_init__` (ConfigError).
+    Session limits, TTLs and sampling defaults are the model's (config.pbtxt)."""
 
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port
@@ -19,19 +20,16 @@ class GatewayConfig:
     auth_disabled: bool = False  # only for local use; must be asked for explicitly
     tokens_file: str = ""  # lines "caller:token"
     tokens_env: str = "SINKSERVE_TOKENS"  # env var holding "caller:token,caller:token"
-    session_ttl_s: float = 1800.0  # idle sessions are ended after this
-    max_sessions: int = 1024
-    max_sessions_per_caller: int = 64
     max_streams_per_caller: int = 64  # concurrent Chat streams
     max_message_bytes: int = 1 << 20  # gRPC receive/send limit
     max_turn_chars: int = 65536
-    max_tokens_limit: int = 4096  # the most a turn may ask for
-    default_max_tokens: int = 256
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
-    health_interval_s: float = 2.0  # how often Triton readiness is checked
+    # How often the model is pinged; with probe_timeout_s it bounds how long a dead model
+    # goes unnoticed (health NOT_SERVING, running turns failed with UNAVAILABLE).
+    health_interval_s: float = 0.5
+    probe_timeout_s: float = 1.5
     shutdown_grace_s: float = 30.0  # turns in flight get this long to finish on SIGTERM
-    busy_retry_s: float = 5.0  # how long a turn waits for a cancelled turn to wind down
     sinks: int = 0  # reported to clients when the model config does not say
     window: int = 0
 
@@ -45,22 +43,13 @@ class GatewayConfig:
         need(":" in self.triton_url, "triton_url", "must be host:port")
         need(bool(self.model), "model", "must be non-empty")
         need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
-        need(self.session_ttl_s > 0, "session_ttl_s", "must be > 0")
-        need(self.max_sessions >= 1, "max_sessions", "must be >= 1")
-        need(self.max_sessions_per_caller >= 1, "max_sessions_per_caller", "must be >= 1")
         need(self.max_streams_per_caller >= 1, "max_streams_per_caller", "must be >= 1")
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         need(self.max_turn_chars >= 1, "max_turn_chars", "must be >= 1")
-        need(self.max_tokens_limit >= 1, "max_tokens_limit", "must be >= 1")
-        need(
-            1 <= self.default_max_tokens <= self.max_tokens_limit,
-            "default_max_tokens",
-            "must be in 1..max_tokens_limit",
-        )
         need(self.keepalive_time_s > 0, "keepalive_time_s", "must be > 0")
         need(self.keepalive_timeout_s > 0, "keepalive_timeout_s", "must be > 0")
         need(self.health_interval_s > 0, "health_interval_s", "must be > 0")
+        need(self.probe_timeout_s > 0, "probe_timeout_s", "must be > 0")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
-        need(self.busy_retry_s >= 0, "busy_retry_s", "must be >= 0")
         need(self.sinks >= 0, "sinks", "must be >= 0")
         need(self.window >= 0, "window", "must be >= 0")

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-# Triton's own messages for a model that is not loaded (or being reloaded).
-_MODEL_MISSING_HINTS = ("unknown model", "is not ready", "is not found", "no version is available")
+# Triton's own messages for a model that is not loaded (or being reloaded), or whose
+# Python-backend process died ("Stub process '...' is not healthy.").
+_MODEL_MISSING_HINTS = (
+    "unknown model",
+    "is not ready",
+    "is not found",
+    "no version is available",
+    "is not healthy",
+)
 
 
 class GatewayError(Exception):

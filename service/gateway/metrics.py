@@ -14,7 +14,6 @@ class GatewayMetrics:
         self.open_streams = Gauge(
             "sinkserve_gateway_open_streams", "Chat streams open now", registry=r
         )
-        self.sessions = Gauge("sinkserve_gateway_sessions", "Sessions held now", registry=r)
         self.turns = Counter(
             "sinkserve_gateway_turns", "Turns finished, by finish reason", ["reason"], registry=r
         )

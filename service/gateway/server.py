@@ -16,7 +16,6 @@ from service.gateway.backend import TritonBackend
 from service.gateway.config import GatewayConfig
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ChatServicer
-from service.gateway.sessions import SessionRegistry
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
@@ -27,14 +26,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig, auth: Authenticator) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.backend = TritonBackend(config.triton_url, config.model)
-        self.registry = SessionRegistry(
-            ttl_s=config.session_ttl_s,
-            max_sessions=config.max_sessions,
-            max_sessions_per_caller=config.max_sessions_per_caller,
-            max_streams_per_caller=config.max_streams_per_caller,
+        self.backend = TritonBackend(
+            config.triton_url, config.model, probe_timeout_s=config.probe_timeout_s
         )
-        self.servicer = ChatServicer(config, self.registry, self.backend, auth, self.metrics)
+        self.servicer = ChatServicer(config, self.backend, auth, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -61,10 +56,7 @@ class Gateway:
             self._metrics_server, self.metrics_port = self.metrics.serve(
                 self.config.host, self.config.metrics_port
             )
-        self._tasks = [
-            asyncio.create_task(self._watch_backend()),
-            asyncio.create_task(self._expire_sessions()),
-        ]
+        self._tasks = [asyncio.create_task(self._watch_backend())]
         self._log.info(
             "gateway listening",
             address=f"{self.config.host}:{self.port}",
@@ -106,29 +98,25 @@ class Gateway:
             await self.health.set(name, status)
 
     async def _watch_backend(self) -> None:
-        """Health follows Triton: NOT_SERVING while it or the model is not ready."""
+        """Health follows the model: NOT_SERVING while Triton is down or the model does not
+        answer a ping (its process died, or it is not loaded); then running turns fail
+        with UNAVAILABLE at once instead of waiting for responses that never come."""
         was: bool | None = None
         while True:
-            ready = await self.backend.ready()
+            why = await self.backend.ready()
+            ready = why is None
             if ready and was is not True:
                 shape = await self.backend.cache_shape()
                 if shape is not None:
                     self.servicer.cache_shape = shape
             if ready != was:
-                self._log.info("backend readiness changed", ready=ready)
+                self._log.info("backend readiness changed", ready=ready, reason=why)
                 await self._set_serving(ready)
                 self.metrics.backend_ready.set(int(ready))
                 was = ready
+            if why is not None:
+                self.servicer.backend_lost(why)
             await asyncio.sleep(self.config.health_interval_s)
-
-    async def _expire_sessions(self) -> None:
-        period = min(self.config.session_ttl_s / 4, 30.0)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.servicer.end_expired()
-            except Exception:
-                self._log.exception("expiring sessions failed")
 
 
 def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:

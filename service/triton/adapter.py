@@ -7,12 +7,13 @@ error, final)` function; everything here works on numpy arrays and plain callabl
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
@@ -21,24 +22,38 @@ from service.engine.types import (
     Event,
     FinishReason,
     InvalidRequest,
-    SamplingParams,
     TokenEvent,
     TurnEnd,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from service.engine.engine import Engine
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Outputs = dict[str, np.ndarray]
 GetInput = Callable[[str], "np.ndarray | None"]
 
-DEFAULT_MAX_TOKENS = 256  # when the request has no max_tokens (capped by the engine's limit)
 USAGE_OUTPUTS = (
     "prompt_tokens",
     "generated_tokens",
     "cache_position",
     "cached_tokens",
     "evicted_tokens",
+)
+# A request runs a turn, or one of the session calls answered by a single `session_info`
+# response (JSON). Sessions are opened, ended, got and listed only by these calls.
+ACTIONS = ("turn", "open", "get", "end", "cancel", "list", "ping")
+_NEEDS_SESSION = ("turn", "get", "end", "cancel")
+# Optional inputs -> the engine's SamplingParams field they set.
+_SAMPLING_INPUTS: tuple[tuple[str, str, type], ...] = (
+    ("max_tokens", "max_new_tokens", int),
+    ("temperature", "temperature", float),
+    ("top_k", "top_k", int),
+    ("top_p", "top_p", float),
+    ("repetition_penalty", "repetition_penalty", float),
+    ("random_seed", "seed", int),
 )
 
 
@@ -49,58 +64,82 @@ class Send(Protocol):
 
 
 @dataclass(frozen=True)
-class TurnRequest:
-    """One Triton request, validated. `text == ""` means no turn: only start/end a session."""
+class ModelRequest:
+    """One Triton request, read and checked for shape; the engine validates the values.
 
+    `owner` is the caller the gateway authenticated ("" when not given): the engine
+    checks that a session belongs to it. `sampling` holds only the inputs that were set:
+    for `open` the session's defaults, for `turn` overrides of them."""
+
+    action: str
     session_id: str
+    owner: str
     text: str
-    start_session: bool
     system_prompt: str | None
-    end_session: bool
     raw: bool
     stream: bool
-    sampling: SamplingParams
+    sampling: dict[str, Any]
 
 
-def parse_request(get: GetInput, max_new_tokens_limit: int) -> TurnRequest:
-    """Read and validate the inputs of the tensor interface; raise InvalidRequest naming
-    the offending input."""
-    session_id = _string(get, "session_id")
-    if not session_id:
-        raise InvalidRequest("session_id is required and must be non-empty")
-    text = _string(get, "text_input")
-    if text is None:
-        raise InvalidRequest("text_input is required")
-    start = _scalar(get, "start_session", bool, False)
-    end = _scalar(get, "end_session", bool, False)
-    if not text and not (start or end):
-        raise InvalidRequest("text_input is empty (allowed only with start_session or end_session)")
+def parse_request(get: GetInput) -> ModelRequest:
+    """Read the inputs of the tensor interface; raise InvalidRequest naming the
+    offending input."""
+    action = _string(get, "request_type") or "turn"
+    if action not in ACTIONS:
+        raise InvalidRequest(f"request_type={action!r} must be one of {', '.join(ACTIONS)}")
+    session_id = _string(get, "session_id") or ""
+    if action in _NEEDS_SESSION and not session_id:
+        raise InvalidRequest(f"session_id is required for {action} and must be non-empty")
+    text = _string(get, "text_input") or ""
+    if action == "turn" and not text:
+        raise InvalidRequest("text_input is required for a turn and must be non-empty")
     system = _string(get, "system_prompt")
-    if system and not start:
-        raise InvalidRequest("system_prompt is only accepted with start_session")
-    seed = _scalar(get, "random_seed", int, None)
-    sampling = SamplingParams(
-        max_new_tokens=_scalar(
-            get, "max_tokens", int, min(DEFAULT_MAX_TOKENS, max_new_tokens_limit)
-        ),
-        temperature=_scalar(get, "temperature", float, 0.0),
-        top_k=_scalar(get, "top_k", int, 0),
-        top_p=_scalar(get, "top_p", float, 1.0),
-        repetition_penalty=_scalar(get, "repetition_penalty", float, 1.0),
-        seed=seed,
-        stop=tuple(_strings(get, "stop_words")),
-    )
-    sampling.validate(max_new_tokens_limit)
-    return TurnRequest(
+    if system and action != "open":
+        raise InvalidRequest("system_prompt is only accepted with request_type open")
+    sampling: dict[str, Any] = {}
+    for name, key, kind in _SAMPLING_INPUTS:
+        if get(name) is not None:
+            sampling[key] = _scalar(get, name, kind, kind())
+    if get("stop_words") is not None:
+        sampling["stop"] = tuple(_strings(get, "stop_words"))
+    return ModelRequest(
+        action=action,
         session_id=session_id,
+        owner=_string(get, "owner") or "",
         text=text,
-        start_session=start,
         system_prompt=system or None,
-        end_session=end,
         raw=_scalar(get, "raw_prompt", bool, False),
         stream=_scalar(get, "stream", bool, True),
         sampling=sampling,
     )
+
+
+def run_control(engine: Engine, req: ModelRequest) -> Outputs:
+    """Answer a request that is not a turn: the outputs of its one FINAL response."""
+    sid, owner = req.session_id, req.owner
+    answer: Any
+    if req.action == "open":
+        sid = engine.open_session(
+            sid or None, req.system_prompt, owner=owner, sampling=req.sampling
+        )
+        answer = asdict(engine.get_session(sid))
+    elif req.action == "get":
+        answer = asdict(engine.get_session(sid, owner))
+    elif req.action == "end":
+        answer = asdict(engine.get_session(sid, owner))
+        engine.end_session(sid, owner)
+    elif req.action == "cancel":
+        answer = {"cancelled": engine.cancel_session(sid, owner)}
+    elif req.action == "list":
+        answer = [asdict(info) for info in engine.list_sessions(owner)]
+    else:  # ping: the engine answers, so its process is alive; a few facts for probes
+        stats = engine.stats()
+        answer = {
+            "sessions": stats.sessions,
+            "turns_running": stats.turns_running,
+            "store_healthy": stats.store_healthy,
+        }
+    return {"session_info": _str_tensor(json.dumps(answer))}
 
 
 def _strings(get: GetInput, name: str) -> list[str]:
@@ -207,7 +246,6 @@ class TurnResponder:
     also carries the tokens not yet sent and the usage. Not streaming: one FINAL response
     with the whole text.
     Invariant: exactly one FINAL response is sent, after which nothing is sent.
-    `before_final` runs (on the calling thread) just before the FINAL response goes out.
     With `sends`, responses go out from its thread (see `SendQueue`). Nothing here raises
     into the caller (the engine thread): a failing send or hook is logged; after a failed
     send the request is `abandoned` (the cancel watcher cancels its turn) and nothing more
@@ -218,7 +256,6 @@ class TurnResponder:
         self,
         send: Send,
         stream: bool,
-        before_final: Callable[[TurnEnd], None] | None = None,
         sends: SendQueue | None = None,
         pacer: StreamPacer | None = None,
     ):
@@ -229,7 +266,6 @@ class TurnResponder:
         self._sent_at: float | None = None  # when the last delta went out (with a pacer)
         if self._pacer is not None:
             self._pacer.join()  # left when the FINAL response is delivered
-        self._before_final = before_final
         self._text: list[str] = []
         self._ids: list[int] = []
         self._lock = threading.Lock()
@@ -251,11 +287,6 @@ class TurnResponder:
                 if self._stream and self._ids and self._due():
                     self._deliver(self._take(), None, False)
                 return
-            if self._before_final is not None:
-                try:
-                    self._before_final(end)
-                except Exception:
-                    log.exception("before-final hook failed")
             if end.finish_reason is FinishReason.ERROR:
                 self._deliver(None, error_message(end.error_code or "INTERNAL", end.error), True)
             else:
@@ -269,13 +300,11 @@ class TurnResponder:
             if not self.done.is_set():
                 self._deliver(None, error_message(code, message), True)
 
-    def finish(self, reason: str, usage: Usage) -> None:
-        """End a request that ran no turn (only started or ended a session)."""
+    def reply(self, outputs: Outputs) -> None:
+        """End a request that ran no turn (a session call) with its one response."""
         with self._lock:
             if not self.done.is_set():
-                out = self._take()
-                out.update(usage_outputs(reason, usage))
-                self._deliver(out, None, True)
+                self._deliver(outputs, None, True)
 
     def _due(self) -> bool:
         if self._pacer is None:

@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 SYSTEM_TRITON = Path("/opt/tritonserver")
 DEFAULT_MODEL = "sinkserve"
 HANDOFF_ENV = "SINKSERVE_HANDOFF_DIR"  # where a model instance leaves its sessions on reload
+STORE_ENV = "SINKSERVE_SESSION_STORE"  # the session store's URL (config.pbtxt may override)
 
 
 class TritonLaunchError(RuntimeError):
@@ -174,6 +175,7 @@ class TritonServer:
     log_verbose: int = 0
     log_path: Path | None = None  # None: inherit stdout/stderr
     handoff_dir: Path | None = None
+    session_store: str | None = None  # the store's URL for the model; None: its default
     server: Path | None = None  # None: find one
     extra_args: Sequence[str] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -221,6 +223,8 @@ class TritonServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="sinkserve-handoff-")
             self.handoff_dir = Path(self._tmp.name)
         env = {**os.environ, **install.env, HANDOFF_ENV: str(self.handoff_dir), **self.extra_env}
+        if self.session_store is not None:
+            env[STORE_ENV] = self.session_store
         cmd = self.command(install)
         log.info("tritonserver starting", cmd=" ".join(cmd))
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
@@ -325,6 +329,10 @@ def add_triton_parser(
     p.add_argument(
         "--handoff-dir", type=Path, help="where sessions wait across reloads (default: a temp dir)"
     )
+    p.add_argument(
+        "--session-store",
+        help="sqlite:///path or redis://host:port/db (default: sqlite under $XDG_STATE_HOME)",
+    )
     p.add_argument("--tritonserver", type=Path, help="the binary to run (default: find one)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -346,6 +354,7 @@ def main_triton(args: argparse.Namespace) -> int:
         exit_timeout_s=args.exit_timeout,
         log_verbose=args.log_verbose,
         handoff_dir=args.handoff_dir,
+        session_store=args.session_store,
         server=args.tritonserver,
         extra_args=extra,
     )

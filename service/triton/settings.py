@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import ConfigError, EngineConfig
-from service.triton.launcher import HANDOFF_ENV
+from service.triton.launcher import HANDOFF_ENV, STORE_ENV
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,8 @@ class ModelSettings:
 
     engine: EngineConfig
     handoff_dir: Path
+    # Where session records live: sqlite:///path (one machine) or redis://host:port/db.
+    session_store: str
     handoff_timeout_s: float = 600.0  # how long a new instance waits for the old to drain
     metrics_interval_s: float = 1.0
     # Streamed responses per second shared by all turns (StreamPacer); 0 = every token.
@@ -51,6 +53,10 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
         if handoff
         else Path(tempfile.gettempdir()) / f"sinkserve-handoff-{os.getppid()}"
     )
+    store = values.pop("session_store", "") or os.environ.get(STORE_ENV, "")
+    store = store or f"sqlite://{default_state_dir() / f'sessions-{model_name}.sqlite3'}"
+    if not store.startswith(("sqlite:///", "redis://", "rediss://")):
+        raise ConfigError(f"session_store={store!r}: use sqlite:///absolute/path or redis://...")
     extra = {}
     for key, zero_ok in (
         ("handoff_timeout_s", False),
@@ -66,5 +72,14 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
             if not (extra[key] > 0 or (zero_ok and extra[key] == 0)):
                 raise ConfigError(f"{key}={raw!r}: must be {'>= 0' if zero_ok else '> 0'}")
     return ModelSettings(
-        engine=EngineConfig.from_mapping(values), handoff_dir=base / model_name, **extra
+        engine=EngineConfig.from_mapping(values),
+        handoff_dir=base / model_name,
+        session_store=store,
+        **extra,
     )
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/sinkserve, else ~/.local/state/sinkserve: kept across restarts."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sinkserve"

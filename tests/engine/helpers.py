@@ -10,6 +10,7 @@ import torch
 
 from service.config import EngineConfig
 from service.engine.engine import Engine
+from service.engine.store import SessionStore
 from service.engine.model import Llama
 from service.engine.runner import TorchRunner, torch_dtype
 from service.engine.tokenizer import Tokenizer
@@ -100,6 +101,7 @@ class RecordingEngine:
         tensors: dict,
         cfg: ModelConfig,
         runner: Callable[[EngineConfig, Llama], TorchRunner] = TorchRunner,
+        store: SessionStore | None = None,
         **config: object,
     ) -> None:
         self.config = EngineConfig(**config)  # type: ignore[arg-type]
@@ -108,7 +110,7 @@ class RecordingEngine:
         self.runner = runner(self.config, model)
         self.logits: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.runner.logits_hook = self._record
-        self.engine = Engine(self.config, self.runner, tokenizer)
+        self.engine = Engine(self.config, self.runner, tokenizer, store)
 
     def _record(self, rows, logits: torch.Tensor) -> None:
         for row, values in zip(rows, logits, strict=True):

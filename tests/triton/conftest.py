@@ -4,6 +4,7 @@ SmolLM2 GGUF with a small window, and a small tritonclient.grpc.aio helper."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import time
@@ -29,6 +30,7 @@ TEST_PARAMETERS = {
     "step_token_budget": "64",
     "max_new_tokens": "64",
     "slot_wait_s": "5",
+    "max_sessions_per_owner": "12",
     # One turn alone sends a delta at most every 0.2 s: several tokens each (StreamPacer).
     "stream_responses_per_s": "5",
 }
@@ -113,6 +115,26 @@ class Client:
         await asyncio.wait_for(collect(), timeout_s)
         return reply
 
+    async def call(self, action: str, session_id: str = "", **inputs: Any) -> Any:
+        """A session call: its `session_info` answer (JSON), or the error text."""
+        if session_id:
+            inputs["session_id"] = session_id
+        tensors = [_tensor(k, v) for k, v in {"request_type": action, **inputs}.items()]
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": MODEL, "inputs": tensors}
+
+        async for result, error in self.grpc.stream_infer(requests()):
+            if error is not None:
+                return str(error)
+            return json.loads(result.as_numpy("session_info")[0])
+        raise AssertionError("no response")
+
+    async def open(self, session_id: str, **inputs: Any) -> Any:
+        info = await self.call("open", session_id, **inputs)
+        assert isinstance(info, dict), info
+        return info
+
     async def reload(self) -> float:
         """Make Triton reload the model (it reloads only when files changed) and time it."""
         model_py = Path(self.server.model_repository) / MODEL / "1" / "model.py"
@@ -131,7 +153,10 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     shutil.copytree(default_model_repository() / MODEL, repo / MODEL)
     write_parameters(repo / MODEL / "config.pbtxt", TEST_PARAMETERS)
     log = repo.parent / "tritonserver.log"
-    with TritonServer(model_repository=repo, log_path=log, ready_timeout_s=240) as server:
+    store = f"sqlite://{repo.parent / 'sessions.sqlite3'}"
+    with TritonServer(
+        model_repository=repo, log_path=log, ready_timeout_s=240, session_store=store
+    ) as server:
         yield server
     print(f"tritonserver log: {log}")
 

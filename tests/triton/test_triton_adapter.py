@@ -42,35 +42,37 @@ def text_of(outputs) -> str:
     return outputs["text_output"][0].decode()
 
 
-def test_a_minimal_request_gets_the_documented_defaults():
-    turn = parse_request(inputs(text_input="hi", session_id="s"), 4096)
-    assert (turn.session_id, turn.text, turn.stream, turn.raw) == ("s", "hi", True, False)
-    assert turn.sampling.max_new_tokens == 256
-    assert turn.sampling.temperature == 0.0
-
-
-def test_the_default_max_tokens_is_capped_by_the_engines_limit():
-    assert parse_request(inputs(text_input="hi", session_id="s"), 64).sampling.max_new_tokens == 64
+def test_a_minimal_request_is_a_streamed_turn_with_no_sampling_overrides():
+    req = parse_request(inputs(text_input="hi", session_id="s"))
+    assert (req.action, req.session_id, req.text, req.stream, req.raw) == (
+        "turn",
+        "s",
+        "hi",
+        True,
+        False,
+    )
+    assert req.sampling == {} and req.owner == ""
 
 
 def test_sampling_and_session_inputs_are_read():
-    turn = parse_request(
+    req = parse_request(
         inputs(
-            text_input="hi",
-            session_id="s",
-            start_session=True,
+            request_type="open",
+            owner="alice",
             system_prompt="be brief",
             max_tokens=np.int32(7),
             temperature=np.float32(0.5),
             random_seed=np.uint64(3),
             stop_words=["a", "b"],
-            stream=False,
-        ),
-        4096,
+        )
     )
-    assert turn.start_session and turn.system_prompt == "be brief" and not turn.stream
-    assert turn.sampling.max_new_tokens == 7 and turn.sampling.seed == 3
-    assert turn.sampling.stop == ("a", "b")
+    assert (req.action, req.owner, req.system_prompt, req.session_id) == (
+        "open",
+        "alice",
+        "be brief",
+        "",
+    )
+    assert req.sampling == {"max_new_tokens": 7, "temperature": 0.5, "seed": 3, "stop": ("a", "b")}
 
 
 @pytest.mark.parametrize(
@@ -80,21 +82,20 @@ def test_sampling_and_session_inputs_are_read():
         ({"text_input": "hi"}, "session_id"),
         ({"text_input": "hi", "session_id": ""}, "session_id"),
         ({"text_input": "", "session_id": "s"}, "text_input"),
-        ({"text_input": "hi", "session_id": "s", "max_tokens": 0}, "max_new_tokens"),
-        ({"text_input": "hi", "session_id": "s", "max_tokens": 99999}, "max_new_tokens"),
-        ({"text_input": "hi", "session_id": "s", "top_p": 0.0}, "top_p"),
         ({"text_input": "hi", "session_id": "s", "temperature": float("nan")}, "temperature"),
         ({"text_input": "hi", "session_id": "s", "system_prompt": "x"}, "system_prompt"),
+        ({"request_type": "end"}, "session_id is required for end"),
+        ({"request_type": "fly"}, "request_type='fly' must be one of"),
     ],
 )
 def test_bad_inputs_are_rejected_naming_the_input(values, named):
     with pytest.raises(InvalidRequest, match=named):
-        parse_request(inputs(**values), 4096)
+        parse_request(inputs(**values))
 
 
-def test_empty_text_is_accepted_to_just_end_a_session():
-    turn = parse_request(inputs(text_input="", session_id="s", end_session=True), 4096)
-    assert turn.end_session and turn.text == ""
+def test_session_calls_need_no_text():
+    assert parse_request(inputs(request_type="end", session_id="s")).action == "end"
+    assert parse_request(inputs(request_type="list", owner="bob")).owner == "bob"
 
 
 def test_streamed_tokens_arrive_one_response_per_step_and_the_last_is_merged_with_usage():
@@ -180,19 +181,8 @@ def test_nothing_is_sent_after_the_final_response():
     responder = TurnResponder(rec, stream=True)
     responder.fail("NOT_FOUND", "unknown session 'x'")
     responder.on_events([TokenEvent(1, "a", 0)])
-    responder.finish("stop", USAGE)
+    responder.reply({"session_info": np.array([b"{}"], dtype=np.object_)})
     assert rec.sent == [(None, "NOT_FOUND: unknown session 'x'", True)]
-
-
-def test_the_hook_before_final_runs_before_the_final_response():
-    order: list[str] = []
-    responder = TurnResponder(
-        lambda o, e, f: order.append("final"),
-        stream=True,
-        before_final=lambda end: order.append("hook"),
-    )
-    responder.on_events([TurnEnd(FinishReason.STOP, USAGE)])
-    assert order == ["hook", "final"]
 
 
 def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones():

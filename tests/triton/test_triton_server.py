@@ -34,8 +34,9 @@ def wait_for_metric(server: TritonServer, name: str, ok, timeout_s: float = 10) 
 
 async def conversation(client, sid: str, turns: list[str]) -> list:
     replies = []
-    for i, text in enumerate(turns):
-        reply = await client.turn(sid, text, start_session=(i == 0), max_tokens=24)
+    await client.open(sid)
+    for text in turns:
+        reply = await client.turn(sid, text, max_tokens=24)
         assert not reply.error, reply.error
         replies.append(reply)
     return replies
@@ -68,7 +69,7 @@ async def test_two_sessions_streamed_at_once_interleave(client):
     arrivals: list[tuple[str, bool]] = []
 
     async def stream(sid: str) -> None:
-        await client.turn(sid, "Hi", start_session=True, max_tokens=1)
+        await client.open(sid)
         async for result, error in client.stream(session_id=sid, text_input=LONG, max_tokens=32):
             assert error is None, error
             final = result.as_numpy("finish_reason") is not None
@@ -80,7 +81,7 @@ async def test_two_sessions_streamed_at_once_interleave(client):
 
 
 async def test_the_http_generate_stream_endpoint_streams_server_sent_events(client, triton):
-    await client.turn("http", "Hi", start_session=True, max_tokens=1)
+    await client.open("http")
     body = json.dumps({"text_input": QUESTIONS[0], "session_id": "http", "max_tokens": 16})
     request = urllib.request.Request(
         f"{triton.http_url}/v2/models/sinkserve/generate_stream",
@@ -103,35 +104,40 @@ async def test_the_http_generate_stream_endpoint_streams_server_sent_events(clie
 
 
 async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(client, triton):
-    await client.turn("bad", "Hi", start_session=True, max_tokens=1)
+    await client.open("bad")
     cases = [
-        ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: unknown session 'nobody'"),
-        ({"session_id": "bad", "text": ""}, "INVALID_ARGUMENT: text_input is empty"),
+        ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: no session 'nobody'"),
+        ({"session_id": "bad", "text": ""}, "INVALID_ARGUMENT: text_input is required"),
         ({"session_id": "", "text": "Hi"}, "INVALID_ARGUMENT: session_id"),
         (
             {"session_id": "bad", "text": "Hi", "max_tokens": 100000},
             "INVALID_ARGUMENT: max_new_tokens",
         ),
         ({"session_id": "bad", "text": "Hi", "max_tokens": 0}, "INVALID_ARGUMENT: max_new_tokens"),
-        ({"session_id": "bad", "text": "Hi", "start_session": True}, "already exists"),
         ({"session_id": "bad", "text": "Hi", "top_p": 2.0}, "INVALID_ARGUMENT: top_p"),
+        ({"session_id": "bad", "text": "Hi", "owner": "mallory"}, "PERMISSION_DENIED"),
+        ({"session_id": "bad", "text": "Hi", "request_type": "fly"}, "INVALID_ARGUMENT: request"),
     ]
     for inputs, expected in cases:
         reply = await client.turn(inputs.pop("session_id"), inputs.pop("text"), **inputs)
         assert expected in reply.error, (inputs, reply.error)
         assert reply.responses == 1
-    # Too many sessions: the limit is max_sessions + max_host_sessions = 32.
+    assert "already exists" in await client.call("open", "bad")
+    # Too many sessions of one owner: max_sessions_per_owner.
     opened = []
     for i in range(40):
-        reply = await client.turn(f"many-{i}", "", start_session=True)
-        if reply.error:
-            assert reply.error.startswith("RESOURCE_EXHAUSTED: too many sessions")
+        answer = await client.call("open", f"many-{i}", owner="many")
+        if isinstance(answer, str):
+            assert answer.startswith("RESOURCE_EXHAUSTED: owner 'many' already has"), answer
             break
         opened.append(f"many-{i}")
     else:
         raise AssertionError("the session limit was never reached")
+    listed = await client.call("list", owner="many")
+    assert [s["session_id"] for s in listed] == opened
     for sid in opened:
-        assert not (await client.turn(sid, "", end_session=True)).error
+        assert (await client.call("end", sid, owner="many"))["session_id"] == sid
+    assert await client.call("list", owner="many") == []
     assert triton.is_ready()
     assert "Paris" in (await client.turn("bad", QUESTIONS[0], max_tokens=16)).text
 
@@ -155,7 +161,7 @@ async def test_sinkserve_metrics_appear_on_the_metrics_port(client, triton):
 async def test_a_cancelled_stream_ends_its_turn_frees_the_slot_and_a_reload_right_after_is_quick(
     client, triton
 ):
-    await client.turn("cancel", "Hi", start_session=True, max_tokens=1)
+    await client.open("cancel")
     stream = client.stream(session_id="cancel", text_input=LONG, max_tokens=64)
     received = 0
     async for _, error in stream:
@@ -179,7 +185,7 @@ async def test_a_cancelled_stream_ends_its_turn_frees_the_slot_and_a_reload_righ
 async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(client):
     baseline = await conversation(client, "no-reload", QUESTIONS)
     before = await conversation(client, "reloaded", QUESTIONS[:2])
-    await client.turn("in-flight", "Hi", start_session=True, max_tokens=1)
+    await client.open("in-flight")
     # A turn in flight while the model reloads finishes on the old instance.
     in_flight = asyncio.create_task(client.turn("in-flight", LONG, max_tokens=64))
     await asyncio.sleep(0.5)
@@ -216,7 +222,7 @@ async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_fro
 
 
 async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(client):
-    await client.turn("whole", "Hi", start_session=True, max_tokens=1)
+    await client.open("whole")
     reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
     assert not reply.error and reply.responses == 1
     assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"

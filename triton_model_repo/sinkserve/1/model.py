@@ -1,15 +1,18 @@
 """sinkserve as a decoupled Triton Python-backend model: a thin adapter over the engine.
 
-`execute()` only validates and enqueues; the engine's own thread steps all sessions and
-calls back with events, which `TurnResponder` turns into streamed responses. Conversion
-and validation live in `service.triton` (testable without Triton); this file holds only
-what touches `pb_utils`.
+`execute()` only reads and dispatches requests; the engine's own thread steps all
+sessions and calls back with events, which `TurnResponder` turns into streamed
+responses. A request that may wait (on the session store, or for the sessions of the
+instance this one replaces) runs on a small thread pool, never in `execute()`.
+Conversion and validation live in `service.triton` (testable without Triton); this file
+holds only what touches `pb_utils`.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -17,22 +20,23 @@ import structlog
 import triton_python_backend_utils as pb_utils
 
 from service.engine.engine import Engine
-from service.engine.types import EngineError, Usage
+from service.engine.store import open_store
+from service.engine.types import EngineError
 from service.triton.adapter import (
     CancelWatcher,
+    ModelRequest,
     Outputs,
     SendQueue,
     StreamPacer,
-    TurnRequest,
     TurnResponder,
     parse_request,
+    run_control,
 )
 from service.triton.handoff import Handoff
 from service.triton.metrics import EngineMetrics
 from service.triton.settings import kv_fingerprint, parse_parameters
 
 log = structlog.get_logger("sinkserve.triton")
-NO_USAGE = Usage(prompt_tokens=0, generated_tokens=0, position=0, cached_tokens=0, evicted_tokens=0)
 
 
 class TritonPythonModel:
@@ -41,7 +45,8 @@ class TritonPythonModel:
         name = args["model_name"]
         self.settings = parse_parameters(config.get("parameters", {}), name)
         self.fingerprint = kv_fingerprint(self.settings.engine)
-        self.engine = Engine.load(self.settings.engine)
+        store = open_store(self.settings.session_store)
+        self.engine = Engine.load(self.settings.engine, store)
         self.engine.start()
         self.handoff = Handoff(self.settings.handoff_dir)
         self.imported = threading.Event()
@@ -50,6 +55,7 @@ class TritonPythonModel:
         self.watcher = CancelWatcher(self.engine.cancel)
         self.sends = SendQueue()  # responses leave from their own thread, not the engine's
         self.pacer = StreamPacer(self.settings.stream_responses_per_s)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sinkserve-request")
         labels = {"model": name, "version": args["model_version"]}
         self.metrics = EngineMetrics(
             pb_utils,
@@ -63,6 +69,7 @@ class TritonPythonModel:
             model=name,
             version=args["model_version"],
             generation=self.handoff.generation,
+            store=self.settings.session_store,
         )
 
     def _take_over(self) -> None:
@@ -100,7 +107,7 @@ class TritonPythonModel:
             return None if tensor is None else tensor.as_numpy()
 
         try:
-            turn = parse_request(get, self.settings.engine.max_new_tokens)
+            req = parse_request(get)
         except EngineError as exc:
             TurnResponder(send, stream=False).fail(exc.code, str(exc))
             return
@@ -108,51 +115,44 @@ class TritonPythonModel:
             log.exception("request parsing failed")
             TurnResponder(send, stream=False).fail("INTERNAL", f"{type(exc).__name__}: {exc}")
             return
-        responder = TurnResponder(
-            send, turn.stream, before_final=self._ender(turn), sends=self.sends, pacer=self.pacer
-        )
-        if self.imported.is_set() or self.engine.has_session(turn.session_id):
-            self._run(request, turn, responder)
-        else:  # the session may still be coming from the previous instance
-            threading.Thread(
-                target=self._run_after_import, args=(request, turn, responder), daemon=True
-            ).start()
+        stream = req.stream and req.action == "turn"
+        responder = TurnResponder(send, stream, sends=self.sends, pacer=self.pacer)
+        hot = req.action in ("turn", "cancel") and self.engine.has_session(req.session_id)
+        if hot:  # in memory: nothing to wait for
+            self._run(request, req, responder)
+        else:
+            self.pool.submit(self._run_when_ready, request, req, responder)
 
-    def _run_after_import(self, request: Any, turn: TurnRequest, responder: TurnResponder) -> None:
+    def _run_when_ready(self, request: Any, req: ModelRequest, responder: TurnResponder) -> None:
+        """Run once the previous instance's sessions are here: a session must never be
+        rebuilt from the store while the instance it is leaving may still advance it."""
         self.imported.wait(self.settings.handoff_timeout_s + 5)
-        if self.import_error and not self.engine.has_session(turn.session_id):
+        if self.import_error and not self.engine.has_session(req.session_id):
             responder.fail(
                 "UNAVAILABLE",
                 f"sessions of the previous instance not available: {self.import_error}",
             )
             return
-        self._run(request, turn, responder)
+        self._run(request, req, responder)
 
-    def _ender(self, turn: TurnRequest) -> Any:
-        if not turn.end_session:
-            return None
-        return lambda end: self.engine.end_session(turn.session_id)
-
-    def _run(self, request: Any, turn: TurnRequest, responder: TurnResponder) -> None:
+    def _run(self, request: Any, req: ModelRequest, responder: TurnResponder) -> None:
         try:
-            if turn.start_session:
-                self.engine.open_session(session_id=turn.session_id, system=turn.system_prompt)
-            if not turn.text:
-                if not self.engine.has_session(turn.session_id):
-                    responder.fail("NOT_FOUND", f"unknown session {turn.session_id!r}")
-                    return
-                if turn.end_session:
-                    self.engine.end_session(turn.session_id)
-                responder.finish("stop", NO_USAGE)
+            if req.action != "turn":
+                responder.reply(run_control(self.engine, req))
                 return
             turn_id = self.engine.submit(
-                turn.session_id, turn.text, turn.sampling, responder.on_events, raw=turn.raw
+                req.session_id,
+                req.text,
+                req.sampling,
+                responder.on_events,
+                raw=req.raw,
+                owner=req.owner,
             )
         except EngineError as exc:
             responder.fail(exc.code, str(exc))
             return
         except Exception as exc:
-            log.exception("starting the turn failed")
+            log.exception("request failed", action=req.action, session_id=req.session_id)
             responder.fail("INTERNAL", f"{type(exc).__name__}: {exc}")
             return
         gone = responder.abandoned
@@ -160,10 +160,11 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         """Triton calls this once no request is in flight (or its exit timeout passed): stop
-        the engine (a turn still running is cancelled and gets its FINAL), then hand the
-        sessions on to the next instance."""
+        the engine (a turn still running is cancelled and gets its FINAL; every record is
+        written), then hand the sessions on to the next instance."""
         self.watcher.close()
         self.metrics.close()
+        self.pool.shutdown(wait=True, cancel_futures=False)
         self.imported.wait(self.settings.handoff_timeout_s)
         self.engine.shutdown(10.0)
         self.sends.close()  # the FINALs of turns the shutdown cancelled go out first

@@ -1,0 +1,190 @@
+"""The engine as the owner of durable sessions: records written at open and turn end,
+sessions rebuilt from their records by another engine, ownership, and a store outage."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from service.engine.store import RedisStore, SQLiteStore
+from service.engine.types import (
+    FinishReason,
+    PermissionDenied,
+    SamplingParams,
+    StoreUnreachable,
+    TokenEvent,
+    TurnEnd,
+    UnknownSession,
+)
+from tests.engine.helpers import RecordingEngine, tiny_model
+from tests.redis_server import RedisServer
+
+GREEDY = {"max_new_tokens": 12, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer.vocab_size, seed=7)
+
+
+@pytest.fixture
+def make(tokenizer, model):
+    engines = []
+
+    def build(store, **config):
+        rec = RecordingEngine(tokenizer, model[1], model[0], store=store, **config)
+        rec.engine.start()
+        engines.append(rec.engine)
+        return rec.engine
+
+    yield build
+    for e in engines:
+        e.shutdown()
+
+
+def turn(engine, sid, prompt, owner=None, **params):
+    async def run():
+        return [e async for e in engine.generate(sid, prompt, params or GREEDY, owner=owner)]
+
+    events = asyncio.run(run())
+    end = events[-1]
+    assert isinstance(end, TurnEnd) and end.finish_reason is not FinishReason.ERROR, end
+    return [e.token_id for e in events if isinstance(e, TokenEvent)], end
+
+
+def test_the_record_is_written_at_open_and_after_every_turn(make, tmp_path: Path):
+    store = SQLiteStore(tmp_path / "s.db")
+    engine = make(store)
+    sid = engine.open_session(system="be brief", owner="alice", sampling={"temperature": 0.0})
+    assert engine.flush_store(5)
+    opened = store.get(sid, now=0)
+    assert opened is not None and opened.owner == "alice" and opened.position == 0
+    assert opened.system_prompt == "be brief" and opened.sampling == {"temperature": 0.0}
+    made, end = turn(engine, sid, [5, 9, 13])
+    assert engine.flush_store(5)
+    after = store.get(sid, now=0)
+    assert after is not None and after.version > opened.version
+    # The last sampled token is owed to the next turn: the cache has not seen it yet.
+    assert after.position == end.usage.position and after.turns == 1
+    assert list(after.sink_ids) + list(after.window_ids) == [5, 9, 13, *made[:-1]]
+    assert after.owed_ids == (made[-1],)
+
+
+def test_another_engine_rebuilds_a_session_from_its_record_with_the_same_greedy_tokens(
+    make, tmp_path: Path
+):
+    """No evictions yet: the rebuilt cache is the same computation as the original."""
+    store = SQLiteStore(tmp_path / "s.db")
+    a, ref = make(store, sinks=4, window=64), make(None, sinks=4, window=64)
+    sid, sr = a.open_session(owner="alice"), ref.open_session()
+    for engine, s in ((a, sid), (ref, sr)):
+        turn(engine, s, [5, 9, 13, 2])
+    assert a.flush_store(5)
+    b = make(SQLiteStore(tmp_path / "s.db"), sinks=4, window=64)
+    assert not b.has_session(sid)
+    rebuilt, end = turn(b, sid, [7, 7], owner="alice")
+    stayed, ref_end = turn(ref, sr, [7, 7])
+    assert rebuilt == stayed and end.usage == ref_end.usage
+
+
+def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(make, tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    a = make(store, sinks=2, window=16)
+    sid = a.open_session(owner="bob")
+    _, first = turn(a, sid, list(range(3, 40)), owner="bob")
+    assert first.usage.evicted_tokens > 0
+    assert a.flush_store(5)
+    b = make(SQLiteStore(tmp_path / "s.db"), sinks=2, window=16)
+    _, end = turn(b, sid, [7, 7], owner="bob", max_new_tokens=3, ignore_eos=True)
+    # The owed token and the turn's own two are fed, then three generated (one owed again).
+    assert end.usage.position == first.usage.position + 1 + 2 + 2
+    assert end.usage.cached_tokens == 18
+
+
+def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make, tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    a = make(store)
+    mine = [a.open_session(owner="alice") for _ in range(2)]
+    a.open_session(owner="bob")
+    assert a.flush_store(5)
+    b = make(SQLiteStore(tmp_path / "s.db"))
+    listed = b.list_sessions("alice")
+    assert [i.session_id for i in listed] == mine and {i.state for i in listed} == {"stored"}
+    with pytest.raises(PermissionDenied):
+        b.get_session(mine[0], owner="bob")
+    with pytest.raises(PermissionDenied):
+        turn(b, mine[0], [5], owner="bob")
+    assert b.get_session(mine[0], owner="alice").owner == "alice"
+
+
+def test_ending_or_expiring_a_session_deletes_its_record(make, tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    clock = [1000.0]
+    engine = make(store, session_ttl_s=60)
+    engine._clock = lambda: clock[0]  # a test clock for the TTL
+    ended, idle = engine.open_session(), engine.open_session()
+    engine.end_session(ended)
+    assert engine.flush_store(5) and store.get(ended, now=clock[0]) is None
+    assert store.get(idle, now=clock[0]) is not None
+    clock[0] += 61
+    engine.step()  # the loop's expiry check runs at most once a second
+    _wait(lambda: not engine.has_session(idle))
+    assert engine.flush_store(5) and store.get(idle, now=0) is None
+    with pytest.raises(UnknownSession):
+        engine.get_session(idle)
+
+
+def _wait(ok, timeout_s: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ok():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(make, tmp_path):
+    engine = make(SQLiteStore(tmp_path / "s.db"), max_sessions=1, max_host_sessions=1)
+    first = engine.open_session()
+    turn(engine, first, [5, 9])
+    second, third = engine.open_session(), engine.open_session()  # memory holds two
+    assert not engine.has_session(first) and engine.has_session(third)
+    _, end = turn(engine, first, [7])
+    assert engine.has_session(first) and end.usage.position > 3
+    assert second  # still stored
+    assert engine.get_session(second).session_id == second
+
+
+def test_turns_go_on_while_redis_is_down_and_the_records_follow_once_it_is_back(
+    make, redis_server: RedisServer
+):
+    engine = make(RedisStore(redis_server.url))
+    sid = engine.open_session(owner="alice")
+    turn(engine, sid, [5, 9, 13])
+    assert engine.flush_store(5)
+    redis_server.stop()
+    _, end = turn(engine, sid, [7, 7], owner="alice")  # served from the cache in memory
+    _wait(lambda: not engine.stats().store_healthy)
+    assert engine.stats().store_pending == 1 and engine.stats().store_write_errors > 0
+    with pytest.raises(StoreUnreachable):
+        engine.get_session("not-in-memory")
+    redis_server.start()
+    assert engine.flush_store(15)
+    assert engine.stats().store_healthy
+    record = RedisStore(redis_server.url).get(sid, now=0)
+    assert record is not None and record.position == end.usage.position
+
+
+def test_whole_sampling_params_still_skip_the_session_defaults(make, tmp_path):
+    engine = make(SQLiteStore(tmp_path / "s.db"))
+    sid = engine.open_session(sampling={"max_new_tokens": 2})
+    events = asyncio.run(_events(engine, sid, SamplingParams(max_new_tokens=5, ignore_eos=True)))
+    assert sum(isinstance(e, TokenEvent) for e in events) == 5
+    _, end = turn(engine, sid, [4], **{"ignore_eos": True})
+    assert end.usage.generated_tokens == 2  # the session's default
+
+
+async def _events(engine, sid, params):
+    return [e async for e in engine.generate(sid, [5, 6], params)]
