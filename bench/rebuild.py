@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
-    started = time.time()
+    started, load_start = time.time(), os.getloadavg()
     engine = Engine.load(EngineConfig(sinks=4, window=1020, max_sessions=2))
     config = engine.config
     ids = engine.tokenizer.encode(read_text(TEXT))
@@ -129,6 +129,8 @@ def main() -> None:
     normal, rebuilt = (summary(*runs[k]) for k in ("normal", "rebuilt"))
     result = {
         "machine": f"{cpu_model()}, {os.cpu_count()} cores ({platform.node()})",
+        # 1/5/15-minute load averages: on a shared machine, other work shows here.
+        "load_avg_start_end": [[round(x, 2) for x in t] for t in (load_start, os.getloadavg())],
         "command": "PYTHONPATH=. " + shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": {

@@ -13,7 +13,7 @@ from service.config import ConfigError, add_engine_flags, engine_config
 from service.gateway.cli import add_gateway_parser
 from service.logs import configure_logging
 from service.serve import add_serve_parser
-from service.triton.launcher import add_triton_parser
+from service.triton.cli import add_triton_parser
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> int:

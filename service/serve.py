@@ -1,7 +1,10 @@
 """`sinkserve serve`: Triton (with the engine) and the gateway on this machine, one command.
 
-Triton runs as a child process through the launcher; the gateway runs in this process.
-Ctrl-C (or SIGTERM) drains the gateway, then stops Triton.
+Triton runs as a child process through the launcher, watched by a `Supervisor` that
+restarts it (or reloads the model) after a crash; the gateway runs in this process.
+Sessions are kept in the session store (SQLite under $XDG_STATE_HOME by default), so they
+outlive a restart of the whole command. Ctrl-C (or SIGTERM) drains the gateway, then
+stops Triton.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from service.gateway.auth import Authenticator
 from service.gateway.config import GatewayConfig
 from service.gateway.server import Gateway
 from service.triton.launcher import TritonLaunchError, TritonServer, default_model_repository
+from service.triton.settings import default_state_dir
+from service.triton.supervisor import Supervisor
 
 
 def add_serve_parser(
@@ -33,6 +38,12 @@ def add_serve_parser(
     p.add_argument("--triton-grpc-port", type=int, default=8001)
     p.add_argument("--triton-http-port", type=int, default=8000)
     p.add_argument("--triton-metrics-port", type=int, default=8002)
+    p.add_argument(
+        "--session-store",
+        default=f"sqlite://{default_state_dir() / 'sessions.sqlite3'}",
+        help="where sessions are kept: sqlite:///path or redis://host:port/db "
+        "(default: %(default)s)",
+    )
     p.add_argument("--tokens-file", default="", help="file of 'caller:token' lines")
     p.add_argument("--no-auth", action="store_true", help="accept calls without a token")
     p.set_defaults(func=main_serve)
@@ -57,6 +68,7 @@ def main_serve(args: argparse.Namespace) -> int:
         grpc_port=args.triton_grpc_port,
         http_port=args.triton_http_port,
         metrics_port=args.triton_metrics_port,
+        session_store=args.session_store,
     )
     print("starting tritonserver and loading the model (about a minute on CPU)...", flush=True)
     try:
@@ -74,6 +86,8 @@ def main_serve(args: argparse.Namespace) -> int:
 async def _run_gateway(config: GatewayConfig, auth: Authenticator, triton: TritonServer) -> None:
     gateway = Gateway(config, auth)
     await gateway.start()
+    stopped = False
+    supervisor = asyncio.create_task(Supervisor(triton).run(lambda: stopped))
     token = "" if config.auth_disabled else " --token <your token>"
     print(
         f"sinkserve is up: gateway {config.host}:{gateway.port} "
@@ -83,4 +97,8 @@ async def _run_gateway(config: GatewayConfig, auth: Authenticator, triton: Trito
         "Ctrl-C stops both.",
         flush=True,
     )
-    await gateway.run_until_signal()
+    try:
+        await gateway.run_until_signal()
+    finally:
+        stopped = True
+        await supervisor

@@ -1,7 +1,9 @@
 // A two-turn conversation with the sinkserve gateway over one bidirectional stream.
 //
-//   node chat.js [host:port] [token]      (defaults: 127.0.0.1:50051, $SINKSERVE_TOKEN)
+//   node chat.js [host:port] [token] [session_id]
 //
+// Defaults: 127.0.0.1:50051, $SINKSERVE_TOKEN, a new session. With a session id it resumes
+// that session (sending it as `x-session-id` metadata too, which a proxy routes by).
 // Prints the streamed replies, then one JSON line summarising the turns.
 "use strict";
 
@@ -22,16 +24,19 @@ const { ChatService } = grpc.loadPackageDefinition(definition).sinkserve.v1;
 
 const target = process.argv[2] || "127.0.0.1:50051";
 const token = process.argv[3] || process.env.SINKSERVE_TOKEN || "";
+const resumeId = process.argv[4] || "";
 const questions = ["What is the capital of France?", "And what is it famous for?"];
 
 const client = new ChatService(target, grpc.credentials.createInsecure());
 const metadata = new grpc.Metadata();
 if (token) metadata.add("authorization", `Bearer ${token}`);
+if (resumeId) metadata.add("x-session-id", resumeId);
 
 const call = client.Chat(metadata, { deadline: Date.now() + 120_000 });
 const turns = [];
 let reply = "";
 let sessionId = "";
+let resumed = false;
 
 function ask(i) {
   process.stdout.write(`> ${questions[i]}\n`);
@@ -41,7 +46,7 @@ function ask(i) {
 call.on("data", (response) => {
   switch (response.event) {
     case "session_opened":
-      sessionId = response.session_opened.session_id;
+      ({ session_id: sessionId, resumed } = response.session_opened);
       ask(0);
       break;
     case "delta":
@@ -66,9 +71,13 @@ call.on("error", (err) => {
 });
 
 call.on("end", () => {
-  console.log(JSON.stringify({ session_id: sessionId, turns }));
+  console.log(JSON.stringify({ session_id: sessionId, resumed, turns }));
   client.close();
   if (turns.length !== questions.length) process.exitCode = 1;
 });
 
-call.write({ open: { system_prompt: "You are a concise assistant." } });
+call.write(
+  resumeId
+    ? { resume: { session_id: resumeId } }
+    : { open: { system_prompt: "You are a concise assistant." } },
+);

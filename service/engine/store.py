@@ -452,6 +452,42 @@ class RedisStore:
         self._redis.close()
 
 
+class GuardedStore:
+    """A store that writes only while `may_write()` holds: a process that has lost the
+    right to advance its sessions (a model instance orphaned by a dead tritonserver,
+    whose turns a successor continues from the store) must not write an older state
+    over the one the successor builds on. Reads pass through."""
+
+    def __init__(self, store: SessionStore, may_write: Callable[[], bool]) -> None:
+        self._store = store
+        self._may_write = may_write
+
+    def _check(self) -> None:
+        if not self._may_write():
+            raise StoreUnavailable("this process may no longer write session records")
+
+    def put(self, record: SessionRecord) -> bool:
+        self._check()
+        return self._store.put(record)
+
+    def get(self, session_id: str, now: float) -> SessionRecord | None:
+        return self._store.get(session_id, now)
+
+    def delete(self, session_id: str) -> None:
+        self._check()
+        self._store.delete(session_id)
+
+    def owned_by(self, owner: str, now: float) -> list[SessionRecord]:
+        return self._store.owned_by(owner, now)
+
+    def purge_expired(self, now: float) -> int:
+        self._check()
+        return self._store.purge_expired(now)
+
+    def close(self) -> None:
+        self._store.close()
+
+
 def open_store(url: str) -> SessionStore:
     """The store a URL names: `sqlite:///absolute/path.db` or a plain file path (SQLite),
     or `redis://host:port/db` (`rediss://` for TLS). Raises ValueError on anything else."""

@@ -94,6 +94,11 @@ class TritonBackend:
             return f"the model did not answer a ping within {self._probe_timeout_s:g}s"
         return None
 
+    async def reload(self) -> None:
+        """Unload the model and load it again (a fresh instance); raises on failure."""
+        await self._client.unload_model(self.model)
+        await self._client.load_model(self.model)
+
     async def cache_shape(self) -> tuple[int, int] | None:
         """(sinks, window) from the model config's parameters, when it states them."""
         try:

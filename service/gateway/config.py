@@ -27,7 +27,7 @@ class GatewayConfig:
     keepalive_timeout_s: float = 10.0
     # How often the model is pinged; with probe_timeout_s it bounds how long a dead model
     # goes unnoticed (health NOT_SERVING, running turns failed with UNAVAILABLE).
-    health_interval_s: float = 0.5
+    health_interval_s: float = 0.25
     probe_timeout_s: float = 1.5
     shutdown_grace_s: float = 30.0  # turns in flight get this long to finish on SIGTERM
     sinks: int = 0  # reported to clients when the model config does not say

@@ -25,12 +25,24 @@ GAUGES = {
     "sinkserve_slots_free": ("Free KV slots", lambda s: s.slots_free),
     "sinkserve_turns_running": ("Turns generating or prefilling", lambda s: s.turns_running),
     "sinkserve_turns_waiting": ("Turns waiting for a slot", lambda s: s.turns_waiting),
+    "sinkserve_store_up": (
+        "1 while the last write to the session store succeeded, else 0",
+        lambda s: s.store_healthy,
+    ),
+    "sinkserve_store_pending_records": (
+        "Session records waiting to be written to the store",
+        lambda s: s.store_pending,
+    ),
 }
 COUNTERS = {
     "sinkserve_prefill_tokens_total": ("Prompt tokens prefilled", lambda s: s.prefill_tokens),
     "sinkserve_generated_tokens_total": ("Tokens generated", lambda s: s.generated_tokens),
     "sinkserve_evicted_tokens_total": ("Tokens evicted from windows", lambda s: s.evicted_tokens),
     "sinkserve_steps_total": ("Engine steps", lambda s: s.steps),
+    "sinkserve_store_write_errors_total": (
+        "Failed writes to the session store (each retried)",
+        lambda s: s.store_write_errors,
+    ),
 }
 
 

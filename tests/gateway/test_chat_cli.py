@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
+
+import grpc
+import pytest
 
 from service.chat import _chat, add_chat_parser
-from tests.gateway.conftest import GatewayFactory
-from tests.gateway.test_gateway_e2e import served
+from service.client import ChatClient
+from tests.gateway.conftest import GatewayFactory, served, target
 
 
 def chat_args(*argv: str) -> argparse.Namespace:
@@ -27,5 +31,11 @@ async def test_the_terminal_chat_streams_a_reply_shows_stats_and_ends_the_sessio
     assert rc == 0, text
     assert text.count("[new session") == 2
     assert "[turns 1 · position" in text
-    assert "ended]" in text
-    assert len(gw.registry) == 0
+    # /new ended the first session, /end the second: the model holds neither any more.
+    ids = re.findall(r"\[new session (\S+) ", text)
+    assert len(ids) == 2 and f"[session {ids[1]} ended]" in text
+    async with ChatClient(target(gw), "alice-token") as alice:
+        for sid in ids:
+            with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                await alice.get_session(sid)
+            assert excinfo.value.code() is grpc.StatusCode.NOT_FOUND

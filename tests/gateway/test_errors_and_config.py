@@ -38,7 +38,13 @@ def test_the_default_gateway_config_is_valid() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("port", 70000), ("triton_url", "nohost"), ("default_max_tokens", 0), ("session_ttl_s", 0)],
+    [
+        ("port", 70000),
+        ("triton_url", "nohost"),
+        ("health_interval_s", 0),
+        ("probe_timeout_s", 0),
+        ("max_turn_chars", 0),
+    ],
 )
 def test_a_bad_setting_is_a_config_error_naming_it(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):

@@ -8,7 +8,7 @@ import sys
 
 from service.client import ChatClient, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from tests.gateway.conftest import REPO_ROOT, free_port
+from tests.gateway.conftest import REPO_ROOT, free_port, wait_serving
 
 
 async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_url: str) -> None:
@@ -20,14 +20,10 @@ async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_ur
         cwd=REPO_ROOT, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
+        await wait_serving(f"127.0.0.1:{port}")
         async with ChatClient(f"127.0.0.1:{port}") as client:
-            for _ in range(100):
-                try:
-                    chat = client.conversation(defaults=sampling(max_tokens=24))
-                    await chat.open()
-                    break
-                except Exception:
-                    await asyncio.sleep(0.1)
+            chat = client.conversation(defaults=sampling(max_tokens=24))
+            await chat.open()
             turn = chat.send("Count to twenty.")
             await anext(turn)
             proc.send_signal(signal.SIGTERM)

@@ -1,4 +1,5 @@
-"""The Node.js example client (examples/node) completes a 2-turn chat through the gateway."""
+"""The Node.js example client (examples/node) completes a 2-turn chat through the gateway,
+then resumes that session in a second run."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
-from tests.gateway.conftest import REPO_ROOT, GatewayFactory
-from tests.gateway.test_gateway_e2e import served
+from tests.gateway.conftest import REPO_ROOT, GatewayFactory, served
 
 
 async def run(*cmd: str, cwd: Path, timeout: float) -> tuple[int, str]:
@@ -19,7 +20,7 @@ async def run(*cmd: str, cwd: Path, timeout: float) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def test_the_node_client_completes_a_two_turn_chat(
+async def test_the_node_client_completes_a_two_turn_chat_then_resumes_the_session(
     make_gateway: GatewayFactory, triton_url: str, tmp_path: Path
 ) -> None:
     # A copy keeps the checkout free of node_modules; the layout (proto/ two levels up) stays.
@@ -31,13 +32,24 @@ async def test_the_node_client_completes_a_two_turn_chat(
     rc, out = await run("npm", "ci", "--no-audit", "--no-fund", cwd=example, timeout=300)
     assert rc == 0, out
     gw = await served(make_gateway, triton_url)
-    rc, out = await run(
-        "node", "chat.js", f"127.0.0.1:{gw.port}", "alice-token", cwd=example, timeout=120
-    )
-    assert rc == 0, out
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["session_id"]
-    assert len(summary["turns"]) == 2
-    first, second = (t["usage"] for t in summary["turns"])
-    assert second["cache_position"] > first["cache_position"] > 0
-    assert all(t["finish_reason"] != "FINISH_REASON_UNSPECIFIED" for t in summary["turns"])
+
+    async def chat(*session_id: str) -> dict[str, Any]:
+        rc, out = await run(
+            "node", "chat.js", f"127.0.0.1:{gw.port}", "alice-token", *session_id,
+            cwd=example, timeout=120,
+        )  # fmt: skip
+        assert rc == 0, out
+        summary: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        assert len(summary["turns"]) == 2
+        first, second = (t["usage"] for t in summary["turns"])
+        assert second["cache_position"] > first["cache_position"] > 0
+        assert all(t["finish_reason"] != "FINISH_REASON_UNSPECIFIED" for t in summary["turns"])
+        return summary
+
+    new = await chat()
+    assert new["session_id"] and not new["resumed"]
+    # Resuming sends the id as x-session-id metadata too (a mismatch would be refused).
+    again = await chat(new["session_id"])
+    assert again["session_id"] == new["session_id"] and again["resumed"]
+    end_of_first_run = new["turns"][-1]["usage"]["cache_position"]
+    assert again["turns"][0]["usage"]["cache_position"] > end_of_first_run

@@ -21,7 +21,7 @@ from service.triton.launcher import (
 
 RUN_SUBCOMMAND = """
 import argparse, sys
-from service.triton.launcher import add_triton_parser
+from service.triton.cli import add_triton_parser
 parser = argparse.ArgumentParser(prog="sinkserve")
 add_triton_parser(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -11,6 +11,7 @@ holds only what touches `pb_utils`.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,7 +21,7 @@ import structlog
 import triton_python_backend_utils as pb_utils
 
 from service.engine.engine import Engine
-from service.engine.store import open_store
+from service.engine.store import GuardedStore, open_store
 from service.engine.types import EngineError
 from service.triton.adapter import (
     CancelWatcher,
@@ -45,7 +46,12 @@ class TritonPythonModel:
         name = args["model_name"]
         self.settings = parse_parameters(config.get("parameters", {}), name)
         self.fingerprint = kv_fingerprint(self.settings.engine)
-        store = open_store(self.settings.session_store)
+        # Once tritonserver is gone, its successor continues the sessions from the store:
+        # this instance, orphaned until its stub notices, must not write over them.
+        parent = os.getppid()
+        store = GuardedStore(
+            open_store(self.settings.session_store), lambda: os.getppid() == parent
+        )
         self.engine = Engine.load(self.settings.engine, store)
         self.engine.start()
         self.handoff = Handoff(self.settings.handoff_dir)
