@@ -125,6 +125,7 @@ class Engine:
         self._sessions: dict[str, Session] = {}
         self._turns: dict[int, Turn] = {}
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()  # held across a store read: never under _lock
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -207,18 +208,20 @@ class Engine:
         self._defaults.updated(defaults).validate(self.config.max_new_tokens)
         sid = session_id or secrets.token_urlsafe(16)
         quota = self.config.max_sessions_per_owner
-        if len(self._owned_ids(owner)) >= quota:
-            raise ResourceExhausted(
-                f"owner {owner!r} already has {quota} sessions (the per-owner limit); end one first"
-            )
-        with self._lock:
-            if sid in self._sessions:
-                raise InvalidRequest(f"session {sid!r} already exists")
-            self._make_room()
-            s = self._new_session(sid, system)
-            s.owner, s.sampling, s.created_at = owner, defaults, s.last_used
-            self._sessions[sid] = s
-            self._persist(s)
+        with self._open_lock:  # count and insert as one: opens run on several threads
+            if len(self._owned_ids(owner)) >= quota:
+                raise ResourceExhausted(
+                    f"owner {owner!r} already has {quota} sessions (the per-owner limit); "
+                    "end one first"
+                )
+            with self._lock:
+                if sid in self._sessions:
+                    raise InvalidRequest(f"session {sid!r} already exists")
+                self._make_room()
+                s = self._new_session(sid, system)
+                s.owner, s.sampling, s.created_at = owner, defaults, s.last_used
+                self._sessions[sid] = s
+                self._persist(s)
         self.log.info("session opened", session_id=sid, owner=owner)
         return sid
 

@@ -343,7 +343,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             return None
         turn.cancel_sent = True
         answer = await self._backend.call("cancel", opened.session_id, opened.caller)
-        if answer.get("cancelled") or stream.turn is not turn:
+        finished = turn.task is not None and turn.task.done()  # its real end is queued
+        if answer.get("cancelled") or finished or stream.turn is not turn:
             return None
         await self._stop_turn(stream, opened)
         end = pb.TurnEnd(

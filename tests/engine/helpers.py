@@ -10,9 +10,9 @@ import torch
 
 from service.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.store import SessionStore
 from service.engine.model import Llama
 from service.engine.runner import TorchRunner, torch_dtype
+from service.engine.store import SessionStore
 from service.engine.tokenizer import Tokenizer
 from service.engine.weights import ModelConfig
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,7 @@ class Stack:
     store: str
     port: int = field(default_factory=free_port)
     triton_grpc: int = field(default_factory=free_port)
+    triton_metrics: int = field(default_factory=free_port)
     process: Process | None = None
 
     @property
@@ -133,7 +136,7 @@ class Stack:
             f"--model-repository={repo}",
             f"--triton-grpc-port={self.triton_grpc}",
             f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={free_port()}",
+            f"--triton-metrics-port={self.triton_metrics}",
             f"--tokens-file={tokens}",
             f"--session-store={self.store}",
         ]
@@ -143,6 +146,13 @@ class Stack:
     def stop(self) -> int:
         assert self.process is not None
         return self.process.stop()
+
+    def metric(self, name: str) -> float | None:
+        """A sinkserve metric on Triton's metrics port (None when absent)."""
+        url = f"http://127.0.0.1:{self.triton_metrics}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)
+        return float(m.group(1)) if m else None
 
 
 async def health(target: str) -> int | None:

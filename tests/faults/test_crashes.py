@@ -54,9 +54,7 @@ async def ask(client: ChatClient, session_id: str | None, texts: list[str]) -> t
         return chat.session_id, out
 
 
-async def cut_by(
-    kill, client: ChatClient, sid: str
-) -> tuple[grpc.StatusCode, str, float, float]:
+async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, str, float, float]:
     """Start a long turn on the session, kill once its first delta arrived; the turn's
     status, details, the seconds from the kill to the stream's end, and the kill's time."""
     chat = client.conversation(sid, defaults=GREEDY)
