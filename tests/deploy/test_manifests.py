@@ -310,6 +310,16 @@ def test_the_handoff_dir_is_on_a_volume_that_outlives_the_model_instances(object
     assert volume_of(triton, handoff) != volume_of(triton, Path("/tmp"))
 
 
+def test_the_session_store_is_a_file_on_a_volume_that_outlives_the_container(objects) -> None:
+    triton = container(objects, "triton")
+    store = container_args(objects, "triton").session_store
+    assert store.startswith("sqlite:///")
+    path = Path(store.removeprefix("sqlite://"))
+    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
+    assert "emptyDir" in volumes[volume_of(triton, path)]
+    assert volume_of(triton, path) != volume_of(triton, Path("/tmp"))
+
+
 def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects) -> None:
     gateway = container(objects, "gateway")
     tokens_file = Path(container_args(objects, "gateway").tokens_file)

@@ -5,6 +5,7 @@ parts of them and to watch health while they recover."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -44,7 +45,7 @@ def model_repository(root: Path, **overrides: str) -> Path:
 
 
 def process_tree(root: int) -> dict[int, str]:
-    """pid -> command name of `root` and all its descendants (from /proc)."""
+    """pid -> command name of `root` and all its living descendants (from /proc)."""
     parents: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -54,8 +55,9 @@ def process_tree(root: int) -> dict[int, str]:
         except OSError:
             continue
         name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        parents[int(entry.name)] = (ppid, name)
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if state != "Z":  # a dead child its parent has not reaped (a killed stub)
+            parents[int(entry.name)] = (int(ppid), name)
     tree = {root: parents.get(root, (0, "?"))[1]}
     grew = True
     while grew:
@@ -98,10 +100,13 @@ class Process:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout_s)
+            rc = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            rc = None
+        # Whatever of its process group is left (a test failed midway) goes too.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
+        return self.proc.wait() if rc is None else rc
 
 
 @dataclass

@@ -105,7 +105,19 @@ async def test_a_killed_tritonserver_fails_its_turn_fast_and_the_session_continu
 ) -> None:
     assert stack.process is not None
     server = stack.process.child("tritonserver")
+    orphan = stack.process.child("triton_python")
     await crash_mid_turn(stack, alice, lambda: os.kill(server, signal.SIGKILL))
+    # The killed server's model process (orphaned, holding a whole engine) ended itself.
+    assert not running(orphan)
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 async def test_a_killed_gateway_is_replaced_and_its_sessions_resume_with_their_owner(

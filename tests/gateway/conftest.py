@@ -127,7 +127,7 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     text = set_parameter(text, "max_sessions_per_owner", str(E2E_MAX_SESSIONS_PER_OWNER))
     config.write_text(text)
     state = tmp_path_factory.mktemp("triton")
-    store = f"sqlite://{state / 'sessions.sqlite3'}"  # an absolute path: sqlite:////...
+    store = f"sqlite://{state / 'sessions.sqlite3'}"  # sqlite:// + an absolute path
     with TritonServer(
         model_repository=repo, log_path=state / "triton.log", session_store=store
     ) as server:

@@ -81,22 +81,22 @@ async def test_two_sessions_streamed_at_once_interleave(client):
 
 
 async def test_the_http_generate_stream_endpoint_streams_server_sent_events(client, triton):
-    await client.open("http")
-    body = json.dumps({"text_input": QUESTIONS[0], "session_id": "http", "max_tokens": 16})
-    request = urllib.request.Request(
-        f"{triton.http_url}/v2/models/sinkserve/generate_stream",
-        data=body.encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-
-    def read() -> list[dict]:
+    def read(body: dict) -> list[dict]:
+        request = urllib.request.Request(
+            f"{triton.http_url}/v2/models/sinkserve/generate_stream",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=60) as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             lines = resp.read().decode().splitlines()
         return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
 
-    events = await asyncio.to_thread(read)
+    opened = await asyncio.to_thread(read, {"request_type": "open", "session_id": "http"})
+    assert json.loads(opened[0]["session_info"])["session_id"] == "http"
+    body = {"text_input": QUESTIONS[0], "session_id": "http", "max_tokens": 16}
+    events = await asyncio.to_thread(read, body)
     assert len(events) > 1
     assert "Paris" in "".join(e["text_output"] for e in events)
     assert events[-1]["finish_reason"] in ("stop", "length")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,12 +47,13 @@ class TritonPythonModel:
         name = args["model_name"]
         self.settings = parse_parameters(config.get("parameters", {}), name)
         self.fingerprint = kv_fingerprint(self.settings.engine)
-        # Once tritonserver is gone, its successor continues the sessions from the store:
-        # this instance, orphaned until its stub notices, must not write over them.
+        # Once tritonserver is gone, a successor continues the sessions from the store:
+        # this instance, orphaned, must not write over them, and must not linger.
         parent = os.getppid()
         store = GuardedStore(
             open_store(self.settings.session_store), lambda: os.getppid() == parent
         )
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
         self.engine = Engine.load(self.settings.engine, store)
         self.engine.start()
         self.handoff = Handoff(self.settings.handoff_dir)
@@ -177,3 +179,12 @@ class TritonPythonModel:
         snapshots = self.engine.export_sessions()
         self.handoff.leave(self.fingerprint, snapshots)
         log.info("model finalized", sessions=len(snapshots), generation=self.handoff.generation)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """The Python-backend stub outlives a killed tritonserver (holding the whole engine):
+    end this process once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    log.warning("tritonserver is gone; exiting")
+    os._exit(1)
