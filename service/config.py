@@ -48,6 +48,9 @@ class EngineConfig:
     slot_wait_s: float = 30.0  # how long a new turn waits for a busy slot
     session_ttl_s: float = 3600.0  # idle sessions expire after this
     max_sessions_per_owner: int = 64  # open sessions of one caller, in memory or stored
+    # How long a running turn's claim on its session holds without renewal (renewed every
+    # third of it): what another replica waits before taking over from a dead one.
+    lease_s: float = 6.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
 
     def __post_init__(self) -> None:
@@ -82,6 +85,7 @@ class EngineConfig:
         need(self.slot_wait_s >= 0, "slot_wait_s", "must be >= 0")
         need(self.session_ttl_s > 0, "session_ttl_s", "must be > 0")
         need(self.max_sessions_per_owner >= 1, "max_sessions_per_owner", "must be >= 1")
+        need(self.lease_s > 0, "lease_s", "must be > 0")
         need(self.threads >= 0, "threads", "must be >= 0")
 
     @property

@@ -44,6 +44,12 @@ def add_serve_parser(
         help="where sessions are kept: sqlite:///path or redis://host:port/db "
         "(default: %(default)s)",
     )
+    p.add_argument(
+        "--replica",
+        default="",
+        help="this replica's name in session records (replicas sharing a store must "
+        "differ; default: the host name)",
+    )
     p.add_argument("--tokens-file", default="", help="file of 'caller:token' lines")
     p.add_argument("--no-auth", action="store_true", help="accept calls without a token")
     p.set_defaults(func=main_serve)
@@ -69,6 +75,7 @@ def main_serve(args: argparse.Namespace) -> int:
         http_port=args.triton_http_port,
         metrics_port=args.triton_metrics_port,
         session_store=args.session_store,
+        replica=args.replica,
     )
     print("starting tritonserver and loading the model (about a minute on CPU)...", flush=True)
     try:

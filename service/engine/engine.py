@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import torch
@@ -65,6 +66,7 @@ from service.engine.types import (
     Usage,
 )
 
+T = TypeVar("T")
 OnEvents = Callable[[list[Event]], None]
 Sampling = SamplingParams | Mapping[str, Any]  # whole params, or overrides of the defaults
 
@@ -109,6 +111,7 @@ class Engine:
         tokenizer: Tokenizer,
         store: SessionStore | None = None,
         clock: Callable[[], float] = time.time,
+        replica: str = "",
     ) -> None:
         self.config = config
         self.runner = runner
@@ -117,7 +120,14 @@ class Engine:
         self.log = structlog.get_logger("sinkserve.engine")
         self._clock = clock  # wall clock: TTLs and times outlive the process in records
         self._sched = Scheduler(config.max_sessions, config.step_token_budget, config.slot_wait_s)
-        self._writer = StoreWriter(store, clock=clock) if store is not None else None
+        self._writer = (
+            StoreWriter(store, clock=clock, on_refused=self._on_refused)
+            if store is not None
+            else None
+        )
+        # Who this engine is in the records it writes: "replica/instance". A successor of
+        # the same replica (a restart) may take over a lease its predecessor left.
+        self._holder = f"{replica or socket.gethostname()}/{secrets.token_hex(4)}"
         # Every turn starts from these, then its session's defaults, then its own fields.
         self._defaults = SamplingParams(
             max_new_tokens=min(SamplingParams.max_new_tokens, config.max_new_tokens)
@@ -142,7 +152,9 @@ class Engine:
         )
 
     @classmethod
-    def load(cls, config: EngineConfig, store: SessionStore | None = None) -> Engine:
+    def load(
+        cls, config: EngineConfig, store: SessionStore | None = None, replica: str = ""
+    ) -> Engine:
         """Load the checkpoint named by `config.model` (default: SmolLM2-135M-Instruct).
 
         Builds on one intra-op thread; the step thread takes `config.threads` (torch's
@@ -161,7 +173,7 @@ class Engine:
             runner, tokenizer = build_runner(config)
         finally:
             torch.set_num_threads(before)  # no team yet: one forms at the next parallel op
-        return cls(config, runner, tokenizer, store)
+        return cls(config, runner, tokenizer, store, replica=replica)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -169,6 +181,10 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="sinkserve-engine", daemon=True)
             self._thread.start()
+            if self._writer is not None:
+                threading.Thread(
+                    target=self._keep_leases, name="sinkserve-lease", daemon=True
+                ).start()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Cancel every turn (each gets its TurnEnd), stop the loop, then write every
@@ -239,25 +255,27 @@ class Engine:
         idle = [s for s in self._sessions.values() if s.turn is None]
         if self._writer is None or not idle:
             raise ResourceExhausted(f"too many sessions in memory ({limit})")
-        victim = min(idle, key=lambda s: s.last_used)
-        del self._sessions[victim.session_id]
-        slot = self._sched.release(victim)
+        self._forget(min(idle, key=lambda s: s.last_used))
+
+    def _forget(self, s: Session) -> None:
+        """Drop a session from memory only (lock held): its record stays in the store."""
+        del self._sessions[s.session_id]
+        slot = self._sched.release(s)
         if slot is not None:
             self.runner.clear(slot)
-        self.log.info("session left memory", session_id=victim.session_id)
+        self.log.info("session left memory", session_id=s.session_id)
 
     def _owned_ids(self, owner: str) -> set[str]:
         with self._lock:
             ids = {s.session_id for s in self._sessions.values() if s.owner == owner}
         if self._writer is not None:
-            ids |= {r.session_id for r in self._stored(lambda w: w.owned_by(owner))}
+            ids |= {r.session_id for r in self._stored(self._writer.owned_by, owner)}
         return ids
 
-    def _stored(self, read: Callable[[StoreWriter], Any]) -> Any:
-        """`read(writer)`, with the store's failure as the engine's UNAVAILABLE error."""
-        assert self._writer is not None
+    def _stored(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on the store, its failure as the engine's UNAVAILABLE error."""
         try:
-            return read(self._writer)
+            return call(*args)
         except StoreUnavailable as exc:
             raise StoreUnreachable(f"the session store is unreachable: {exc}") from None
 
@@ -280,7 +298,7 @@ class Engine:
         unknown = UnknownSession(f"no session {session_id!r} (ended or expired?)")
         if self._writer is None:
             raise unknown
-        record: SessionRecord | None = self._stored(lambda w: w.get(session_id))
+        record: SessionRecord | None = self._stored(self._writer.get, session_id)
         if record is None:
             raise unknown
         with self._lock:
@@ -324,6 +342,8 @@ class Engine:
             last_active=s.last_used,
             expire_at=s.last_used + self.config.session_ttl_s,
             version=s.version,
+            holder=self._holder,
+            lease_until=s.lease_until,
         )
 
     def _persist(self, s: Session) -> None:
@@ -331,6 +351,127 @@ class Engine:
         if self._writer is not None:
             s.version += 1
             self._writer.put(self._record(s))
+
+    # ---- one replica at a time -------------------------------------------------------
+
+    def _claim(self, s: Session) -> Session:
+        """Take the session's lease for a turn (request thread; store I/O, no lock held).
+
+        Invariant: a turn runs only on the engine whose claim, a record of a higher
+        version than any stored, the store accepted (a compare-and-set on the version).
+        So this engine first makes sure it holds the newest state: a copy older than the
+        store's (another replica advanced the session) is dropped and rebuilt from the
+        record. A live lease of another replica means a turn runs there: wait while the
+        lease runs out unrenewed (its holder died), else SessionBusy."""
+        if self._writer is None:
+            return s
+        try:
+            return self._claim_in_store(s)
+        except StoreUnreachable:
+            # Availability first: a session in memory keeps serving through a store outage
+            # (its records follow once the store is back; if two replicas both advanced it
+            # meanwhile, the higher version wins and the other copy is dropped).
+            self.log.warning("turn runs unclaimed: store unreachable", session_id=s.session_id)
+            return s
+
+    def _claim_in_store(self, s: Session) -> Session:
+        assert self._writer is not None
+        store, sid = self._writer.store, s.session_id
+        deadline = time.monotonic() + self.config.lease_s + 1.0
+        waited_on: SessionRecord | None = None
+        while True:
+            now = self._clock()
+            stored = self._stored(store.get, sid, now)
+            if stored is None and not self._writer.has_pending(sid):
+                with self._lock:
+                    if self._sessions.get(sid) is s and s.turn is None:
+                        self._forget(s)
+                raise UnknownSession(f"no session {sid!r} (ended or expired?)")
+            if stored is not None and self._leased_elsewhere(stored, now):
+                renewed = waited_on is not None and stored.version != waited_on.version
+                if renewed or time.monotonic() > deadline:
+                    raise SessionBusy(f"session {sid!r} has a turn running on another replica")
+                waited_on = stored
+                time.sleep(0.1)
+                continue
+            if stored is not None and stored.version > s.version:
+                s = self._refresh(s, stored)
+            with self._lock:
+                if s.turn is not None:
+                    raise SessionBusy(
+                        f"session {sid!r} already has a turn running; wait for its "
+                        "TurnEnd or cancel it"
+                    )
+                version = max(s.version, stored.version if stored else 0) + 1
+                claim = replace(
+                    self._record(s), version=version, lease_until=now + self.config.lease_s
+                )
+            if self._stored(store.put, claim):
+                with self._lock:
+                    s.version, s.lease_until, s.claimed = claim.version, claim.lease_until, claim
+                return s
+            if time.monotonic() > deadline:  # lost every race meanwhile
+                raise SessionBusy(f"session {sid!r} is being taken by another replica")
+
+    def _leased_elsewhere(self, r: SessionRecord, now: float) -> bool:
+        replica = self._holder.rsplit("/", 1)[0]
+        theirs = r.holder.rsplit("/", 1)[0]
+        return r.lease_until > now and r.holder != self._holder and theirs != replica
+
+    def _refresh(self, s: Session, stored: SessionRecord) -> Session:
+        """Replace a stale copy of a session by one rebuilt from the newer record."""
+        with self._lock:
+            if s.turn is not None:
+                raise SessionBusy(f"session {s.session_id!r} has a turn running")
+            if self._sessions.get(s.session_id) is s:
+                self._forget(s)
+            fresh = self._sessions.get(s.session_id)
+            if fresh is None or fresh.version < stored.version:
+                if fresh is not None:
+                    self._forget(fresh)
+                fresh = self._from_record(stored)
+                self._sessions[s.session_id] = fresh
+        self.log.info("stale session rebuilt from the store", session_id=s.session_id)
+        return fresh
+
+    def _keep_leases(self) -> None:
+        """Renew the lease of every running turn a third of a lease before it runs out
+        (its own thread: never the step loop). The renewal is the claimed record with a
+        new version and lease, never the turn's half-done state."""
+        assert self._writer is not None
+        period = self.config.lease_s / 3
+        while not self._stopping:
+            time.sleep(period)
+            now = self._clock()
+            with self._lock:
+                for s in self._sessions.values():
+                    if s.turn is None or s.claimed is None or s.lost:
+                        continue
+                    renewal = replace(
+                        s.claimed, version=s.version + 1, lease_until=now + self.config.lease_s
+                    )
+                    s.version, s.lease_until, s.claimed = (
+                        renewal.version,
+                        renewal.lease_until,
+                        renewal,
+                    )
+                    self._writer.put(renewal)
+
+    def _on_refused(self, record: SessionRecord) -> None:
+        """The store holds a newer version than one this engine wrote: if it was this
+        engine's latest, another replica took the session. Its running turn is cancelled
+        and never recorded; the copy leaves memory (the next touch rebuilds it)."""
+        with self._lock:
+            s = self._sessions.get(record.session_id)
+            if s is None or record.version < s.version:
+                return  # superseded by a later write of our own
+            s.lost = True
+            if s.turn is not None:
+                s.turn.cancelled = True
+                self._wake.notify()
+            else:
+                self._forget(s)
+        self.log.warning("session taken by another replica", session_id=record.session_id)
 
     def has_session(self, session_id: str) -> bool:
         """Whether the session is in this engine's memory (the store is not asked)."""
@@ -348,7 +489,7 @@ class Engine:
             held = [s for s in self._sessions.values() if s.owner == owner]
             mine = {s.session_id: self._info(s) for s in held}
         if self._writer is not None:
-            for r in self._stored(lambda w: w.owned_by(owner)):
+            for r in self._stored(self._writer.owned_by, owner):
                 mine.setdefault(r.session_id, self._stored_info(r))
         return sorted(mine.values(), key=lambda i: (i.created_at, i.session_id))
 
@@ -442,7 +583,7 @@ class Engine:
         everything after that arrives through `on_events`."""
         if not prompt:
             raise InvalidRequest("empty prompt")
-        s = self._session(session_id, owner)
+        s = self._claim(self._session(session_id, owner))
         if not isinstance(params, SamplingParams):
             params = self._defaults.updated(s.sampling).updated(params)
         params.validate(self.config.max_new_tokens)
@@ -740,8 +881,11 @@ class Engine:
             evicted_tokens=s.evicted_tokens,
         )
         tail = turn.state.stops.flush() if flush else ""
+        s.lease_until, s.claimed = 0.0, None
         if turn.state.end_session:
             self._drop(s)
+        elif s.lost:
+            self._forget(s)
         else:
             self._persist(s)
         return [TurnEnd(reason, usage, text=tail, error=error, error_code=code)]

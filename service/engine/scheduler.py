@@ -68,6 +68,9 @@ class Session:
     sampling: dict[str, Any] = field(default_factory=dict)  # the session's sampling defaults
     created_at: float = 0.0
     version: int = 0  # of the last record written to the session store
+    lease_until: float = 0.0  # while a turn runs: until when its claim holds the session
+    claimed: Any = None  # the store record of that claim (renewed as the turn runs)
+    lost: bool = False  # another replica took the session: this copy must not be written
     position: int = 0
     sink_tokens: list[int] = field(default_factory=list)
     window_tokens: deque[int] = field(default_factory=deque)

@@ -63,6 +63,10 @@ class SessionRecord:
     last_active: float
     expire_at: float
     version: int  # increases with every write of this session
+    # Who wrote it ("replica/instance"), and until when that writer's turn holds the
+    # session (0: no turn running). Another replica waits for the lease or its end.
+    holder: str = ""
+    lease_until: float = 0.0
 
     def __post_init__(self) -> None:
         sampling = json.loads(json.dumps(dict(self.sampling), allow_nan=False))
@@ -103,6 +107,8 @@ class SessionRecord:
             "last_active": self.last_active,
             "expire_at": self.expire_at,
             "version": self.version,
+            "holder": self.holder,
+            "lease_until": self.lease_until,
         }
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
@@ -135,6 +141,8 @@ class SessionRecord:
             last_active=_float(doc, "last_active"),
             expire_at=_float(doc, "expire_at"),
             version=_int(doc, "version"),
+            holder=_field(doc, "holder", str) if "holder" in doc else "",
+            lease_until=_float(doc, "lease_until") if "lease_until" in doc else 0.0,
         )
 
 
@@ -530,10 +538,15 @@ class StoreWriter:
         retry_max_s: float = 5.0,
         purge_every_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        on_refused: Callable[[SessionRecord], None] | None = None,
     ) -> None:
         if not 0 < retry_min_s <= retry_max_s:
             raise ValueError("need 0 < retry_min_s <= retry_max_s")
         self.store = store
+        # Called from the writer's thread with each record the store refused because it
+        # holds a newer version of that session (written by another replica, or by a
+        # synchronous claim of the caller's own).
+        self.on_refused = on_refused
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._purge_every_s = purge_every_s
@@ -634,6 +647,11 @@ class StoreWriter:
         """False from a failed write until a batch is written in full."""
         return self._healthy
 
+    def has_pending(self, session_id: str) -> bool:
+        """Whether a put or delete of the session is waiting to be written."""
+        with self._cond:
+            return session_id in self._pending or session_id in self._inflight
+
     @property
     def pending(self) -> int:
         """Sessions with an intent not yet written (including the batch being written)."""
@@ -682,13 +700,14 @@ class StoreWriter:
         items = list(batch.items())
         written = 0
         failed: list[tuple[str, SessionRecord | None]] = []
+        refused: list[SessionRecord] = []  # a newer version was stored by another writer
         error: StoreUnavailable | None = None
         for i, (session_id, record) in enumerate(items):
             try:
                 if record is None:
                     self.store.delete(session_id)
-                else:
-                    self.store.put(record)
+                elif not self.store.put(record) and self.on_refused is not None:
+                    refused.append(record)
             except StoreUnavailable as err:
                 error, failed = err, items[i:]
                 break
@@ -710,6 +729,9 @@ class StoreWriter:
                 came_back, self._healthy = True, True
             recovered = self._written_in_outage + written
             self._cond.notify_all()
+        for record in refused:
+            assert self.on_refused is not None
+            self.on_refused(record)
         if went_down:
             self._log.warning("session store unavailable", error=str(error))
         if came_back:

@@ -54,6 +54,12 @@ def add_triton_parser(
         "--session-store",
         help="sqlite:///path or redis://host:port/db (default: sqlite under $XDG_STATE_HOME)",
     )
+    p.add_argument(
+        "--replica",
+        default="",
+        help="this replica's name in session records (replicas sharing a store must "
+        "differ; default: the host name)",
+    )
     p.add_argument("--tritonserver", type=Path, help="the binary to run (default: find one)")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("tritonserver_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -76,6 +82,7 @@ def main_triton(args: argparse.Namespace) -> int:
         log_verbose=args.log_verbose,
         handoff_dir=args.handoff_dir,
         session_store=args.session_store,
+        replica=args.replica,
         server=args.tritonserver,
         extra_args=extra,
     )

@@ -36,6 +36,7 @@ SYSTEM_TRITON = Path("/opt/tritonserver")
 DEFAULT_MODEL = "sinkserve"
 HANDOFF_ENV = "SINKSERVE_HANDOFF_DIR"  # where a model instance leaves its sessions on reload
 STORE_ENV = "SINKSERVE_SESSION_STORE"  # the session store's URL (config.pbtxt may override)
+REPLICA_ENV = "SINKSERVE_REPLICA"  # this replica's name in session records (default: host)
 
 
 class TritonLaunchError(RuntimeError):
@@ -173,6 +174,7 @@ class TritonServer:
     log_path: Path | None = None  # None: inherit stdout/stderr
     handoff_dir: Path | None = None
     session_store: str | None = None  # the store's URL for the model; None: its default
+    replica: str = ""  # this replica's name in session records; "": the host name
     server: Path | None = None  # None: find one
     extra_args: Sequence[str] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -222,6 +224,8 @@ class TritonServer:
         env = {**os.environ, **install.env, HANDOFF_ENV: str(self.handoff_dir), **self.extra_env}
         if self.session_store is not None:
             env[STORE_ENV] = self.session_store
+        if self.replica:
+            env[REPLICA_ENV] = self.replica
         cmd = self.command(install)
         log.info("tritonserver starting", cmd=" ".join(cmd))
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115

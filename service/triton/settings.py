@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import ConfigError, EngineConfig
-from service.triton.launcher import HANDOFF_ENV, STORE_ENV
+from service.triton.launcher import HANDOFF_ENV, REPLICA_ENV, STORE_ENV
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class ModelSettings:
     handoff_dir: Path
     # Where session records live: sqlite:///path (one machine) or redis://host:port/db.
     session_store: str
+    # This replica's name in the records (replicas sharing a store must differ; a
+    # restarted replica keeps its name). "" = the host name.
+    replica: str = ""
     handoff_timeout_s: float = 600.0  # how long a new instance waits for the old to drain
     metrics_interval_s: float = 1.0
     # Streamed responses per second shared by all turns (StreamPacer); 0 = every token.
@@ -53,6 +56,7 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
         if handoff
         else Path(tempfile.gettempdir()) / f"sinkserve-handoff-{os.getppid()}"
     )
+    replica = values.pop("replica", "") or os.environ.get(REPLICA_ENV, "")
     store = values.pop("session_store", "") or os.environ.get(STORE_ENV, "")
     store = store or f"sqlite://{default_state_dir() / f'sessions-{model_name}.sqlite3'}"
     if not store.startswith(("sqlite:///", "redis://", "rediss://")):
@@ -75,6 +79,7 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
         engine=EngineConfig.from_mapping(values),
         handoff_dir=base / model_name,
         session_store=store,
+        replica=replica,
         **extra,
     )
 

@@ -3,7 +3,7 @@
 `execute()` only reads and dispatches requests; the engine's own thread steps all
 sessions and calls back with events, which `TurnResponder` turns into streamed
 responses. A request that may wait (on the session store, or for the sessions of the
-instance this one replaces) runs on a small thread pool, never in `execute()`.
+instance this one replaces) runs on a thread pool, never in `execute()`.
 Conversion and validation live in `service.triton` (testable without Triton); this file
 holds only what touches `pb_utils`.
 """
@@ -54,7 +54,7 @@ class TritonPythonModel:
             open_store(self.settings.session_store), lambda: os.getppid() == parent
         )
         threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
-        self.engine = Engine.load(self.settings.engine, store)
+        self.engine = Engine.load(self.settings.engine, store, replica=self.settings.replica)
         self.engine.start()
         self.handoff = Handoff(self.settings.handoff_dir)
         self.imported = threading.Event()
@@ -63,7 +63,9 @@ class TritonPythonModel:
         self.watcher = CancelWatcher(self.engine.cancel)
         self.sends = SendQueue()  # responses leave from their own thread, not the engine's
         self.pacer = StreamPacer(self.settings.stream_responses_per_s)
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sinkserve-request")
+        # Starting a turn reads and writes the store (its claim), and may wait out the lease
+        # of a replica that died: enough threads that such waits do not queue the others.
+        self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sinkserve-request")
         labels = {"model": name, "version": args["model_version"]}
         self.metrics = EngineMetrics(
             pb_utils,
@@ -125,8 +127,10 @@ class TritonPythonModel:
             return
         stream = req.stream and req.action == "turn"
         responder = TurnResponder(send, stream, sends=self.sends, pacer=self.pacer)
-        hot = req.action in ("turn", "cancel") and self.engine.has_session(req.session_id)
-        if hot:  # in memory: nothing to wait for
+        hot = req.action == "ping" or (
+            req.action == "cancel" and self.engine.has_session(req.session_id)
+        )
+        if hot:  # nothing to wait for
             self._run(request, req, responder)
         else:
             self.pool.submit(self._run_when_ready, request, req, responder)
