@@ -69,9 +69,7 @@ def stream_memory(engine: Engine, total: int, chunk: int) -> dict[str, object]:
         "rss_mb_end": round(rss[-1][1], 1),
         "rss_ratio_end_vs_2k": round(rss[-1][1] / at_2k, 4),
         "rss_mb_max": round(max(mb for _, mb in rss), 1),
-        "evicted_tokens": next(
-            i.evicted_tokens for i in engine.stats().session_info if i.session_id == sid
-        ),
+        "evicted_tokens": engine.get_session(sid).evicted_tokens,
     }
 
 

@@ -1,4 +1,4 @@
-"""`sinkserve` command line: serve, chat, triton, gateway, eval-ppl, bench."""
+"""`sinkserve` command line: serve, cluster, chat, triton, gateway, eval-ppl, bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.bench import add_bench_parser
 from service.chat import add_chat_parser
+from service.cluster import add_cluster_parser
 from service.config import ConfigError, add_engine_flags, engine_config
 from service.gateway.cli import add_gateway_parser
 from service.logs import configure_logging
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chat_parser(sub)
     add_serve_parser(sub)
+    add_cluster_parser(sub)
     add_triton_parser(sub)
     add_gateway_parser(sub)
     add_bench_parser(sub)

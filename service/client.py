@@ -12,8 +12,10 @@ stream and can be resumed with `conversation(session_id=...)`.
 
 from __future__ import annotations
 
+import asyncio
 import queue
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -85,8 +87,11 @@ class ChatClient:
         timeout: float | None = None,
     ) -> Conversation:
         """A Chat stream on a new session, or resuming `session_id`. Use `async with`."""
-        call = self._stub.Chat(metadata=_about(self._metadata, session_id), timeout=timeout)
-        return Conversation(call, _first_request(session_id, system_prompt, defaults))
+
+        def open_call(sid: str | None) -> Any:
+            return self._stub.Chat(metadata=_about(self._metadata, sid), timeout=timeout)
+
+        return Conversation(open_call, _first_request(session_id, system_prompt, defaults))
 
     async def create_session(self, system_prompt: str = "") -> pb.Session:
         req = pb.CreateSessionRequest(system_prompt=system_prompt)
@@ -114,10 +119,19 @@ class ChatClient:
 
 
 class Conversation:
-    """One Chat stream: `send()` a turn and iterate its deltas; `cancel()`, `end()`."""
+    """One Chat stream: `send()` a turn and iterate its deltas; `cancel()`, `end()`.
 
-    def __init__(self, call: Any, first: pb.ChatRequest) -> None:
-        self._call = call
+    Failover: a turn whose stream fails with UNAVAILABLE before its first delta (its
+    replica died or drains; nothing of the turn was recorded) is sent once more, after
+    `retry_delay_s`, on a new stream resuming the session (a proxy routes it to a live
+    replica, which rebuilds the session from the store). A turn that had already
+    streamed text is not retried: its error is raised, so no reply is shown twice."""
+
+    retry_delay_s = 0.5
+
+    def __init__(self, open_call: Callable[[str | None], Any], first: pb.ChatRequest) -> None:
+        self._open_call = open_call
+        self._call = open_call(first.resume.session_id or None)
         self._first = first
         self.session_id = ""
         self.sinks = 0
@@ -153,16 +167,35 @@ class Conversation:
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
     ) -> AsyncIterator[pb.TokenDelta]:
         """Run one turn, yielding its deltas; its TurnEnd is then in `last_turn`."""
-        await self._write(_turn_request(text, raw, params))
-        while True:
-            response = await self._read()
-            kind = response.WhichOneof("event")
-            if kind == "delta":
-                yield response.delta
-            elif kind == "turn_end":
-                self.last_turn = response.turn_end
-                self.cache_position = response.turn_end.usage.cache_position
-                return
+        for attempt in (1, 2):
+            streamed = False
+            try:
+                await self._write(_turn_request(text, raw, params))
+                while True:
+                    response = await self._read()
+                    kind = response.WhichOneof("event")
+                    if kind == "delta":
+                        streamed = True
+                        yield response.delta
+                    elif kind == "turn_end":
+                        self.last_turn = response.turn_end
+                        self.cache_position = response.turn_end.usage.cache_position
+                        return
+            except grpc.aio.AioRpcError as err:
+                if err.code() is not grpc.StatusCode.UNAVAILABLE or streamed or attempt == 2:
+                    raise
+            await asyncio.sleep(self.retry_delay_s)
+            await self._reopen()
+
+    async def _reopen(self) -> None:
+        """A new stream resuming this conversation's session (with its stream defaults)."""
+        self._call.cancel()
+        defaults = self._first.resume.sampling if self._first.HasField("resume") else None
+        if self._first.HasField("open"):
+            defaults = None  # they were kept with the session when it was opened
+        self._first = _first_request(self.session_id, "", defaults)
+        self._call = self._open_call(self.session_id)
+        await self.open()
 
     async def turn(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
@@ -256,7 +289,7 @@ class SyncChatClient:
     ) -> SyncConversation:
         return SyncConversation(
             self._stub,
-            _about(self._metadata, session_id),
+            self._metadata,
             _first_request(session_id, system_prompt, defaults),
             timeout,
         )
@@ -285,7 +318,10 @@ _CLOSE = object()
 
 
 class SyncConversation:
-    """One Chat stream, blocking. Requests go through a queue the gRPC thread reads."""
+    """One Chat stream, blocking. Requests go through a queue the gRPC thread reads.
+    A turn is retried once on a new stream as `Conversation` describes."""
+
+    retry_delay_s = Conversation.retry_delay_s
 
     def __init__(
         self,
@@ -294,15 +330,20 @@ class SyncConversation:
         first: pb.ChatRequest,
         timeout: float | None,
     ) -> None:
+        self._stub, self._metadata, self._timeout = stub, metadata, timeout
+        self._start(first)
+        self.last_turn: pb.TurnEnd | None = None
+
+    def _start(self, first: pb.ChatRequest) -> None:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._requests.put(first)
-        self._responses = stub.Chat(
-            iter(self._requests.get, _CLOSE), metadata=metadata, timeout=timeout
+        metadata = _about(self._metadata, first.resume.session_id or None)
+        self._responses = self._stub.Chat(
+            iter(self._requests.get, _CLOSE), metadata=metadata, timeout=self._timeout
         )
         opened = next(self._responses).session_opened
         self.session_id, self.sinks, self.window = opened.session_id, opened.sinks, opened.window
         self.resumed, self.cache_position = opened.resumed, opened.cache_position
-        self.last_turn: pb.TurnEnd | None = None
 
     def __enter__(self) -> SyncConversation:
         return self
@@ -316,15 +357,26 @@ class SyncConversation:
     def send(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
     ) -> Iterator[pb.TokenDelta]:
-        self._requests.put(_turn_request(text, raw, params))
-        for response in self._responses:
-            if response.WhichOneof("event") == "delta":
-                yield response.delta
-            elif response.WhichOneof("event") == "turn_end":
-                self.last_turn = response.turn_end
-                self.cache_position = response.turn_end.usage.cache_position
-                return
-        raise ConnectionError("the server closed the stream")
+        for attempt in (1, 2):
+            streamed = False
+            try:
+                self._requests.put(_turn_request(text, raw, params))
+                for response in self._responses:
+                    if response.WhichOneof("event") == "delta":
+                        streamed = True
+                        yield response.delta
+                    elif response.WhichOneof("event") == "turn_end":
+                        self.last_turn = response.turn_end
+                        self.cache_position = response.turn_end.usage.cache_position
+                        return
+                raise ConnectionError("the server closed the stream")
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                if code is not grpc.StatusCode.UNAVAILABLE or streamed or attempt == 2:
+                    raise
+            time.sleep(self.retry_delay_s)
+            self._responses.cancel()
+            self._start(_first_request(self.session_id, "", None))
 
     def turn(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None

@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from service.engine.tokenizer import Tokenizer
 from service.engine.weights import default_model_path
-from tests.redis_server import INSTALL_HINT, RedisServer
+from service.redis_server import INSTALL_HINT, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ from service.engine.types import (
     TurnEnd,
     UnknownSession,
 )
+from service.redis_server import RedisServer
 from tests.engine.helpers import RecordingEngine, tiny_model
-from tests.redis_server import RedisServer
 
 GREEDY = {"max_new_tokens": 12, "ignore_eos": True}
 

@@ -22,7 +22,7 @@ from service.engine.store import (
     StoreWriter,
     open_store,
 )
-from tests.redis_server import RedisServer
+from service.redis_server import RedisServer
 
 HOUR = 3600.0
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from service.client import ChatClient, sampling
 from service.engine.store import RedisStore
+from service.redis_server import RedisServer
 from tests.faults.stack import Stack, wait_health
-from tests.redis_server import RedisServer
 
 READY_S = 300
 

@@ -1,11 +1,10 @@
-"""A real redis-server for tests: started on a free localhost port, stoppable and
-restartable on the same port (to test what clients do through an outage)."""
+"""A real redis-server on a free loopback port, for tests and `sinkserve cluster`:
+stoppable and restartable on the same port (to test what clients do through an outage)."""
 
 from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,13 +13,9 @@ from types import TracebackType
 
 import redis
 
+from service.triton.launcher import free_port
+
 INSTALL_HINT = "redis-server is not installed: run `apt-get install redis-server`"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
