@@ -139,6 +139,7 @@ class Conversation:
         self.resumed = False
         self.cache_position = 0
         self.last_turn: pb.TurnEnd | None = None
+        self.retries = 0  # turns sent again after a failed stream
 
     async def __aenter__(self) -> Conversation:
         await self.open()
@@ -184,6 +185,7 @@ class Conversation:
             except grpc.aio.AioRpcError as err:
                 if err.code() is not grpc.StatusCode.UNAVAILABLE or streamed or attempt == 2:
                     raise
+            self.retries += 1
             await asyncio.sleep(self.retry_delay_s)
             await self._reopen()
 

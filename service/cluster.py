@@ -77,6 +77,7 @@ class Replica:
     port: int = field(default_factory=free_port)
     triton_grpc: int = field(default_factory=free_port)
     triton_metrics: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)  # the gateway's, with /ready
     child: Child | None = None
 
     @property
@@ -90,7 +91,7 @@ class Replica:
             "--log-json",
             "serve",
             f"--port={self.port}",
-            f"--metrics-port={free_port()}",
+            f"--metrics-port={self.metrics_port}",
             f"--model-repository={self.model_repository}",
             f"--triton-grpc-port={self.triton_grpc}",
             f"--triton-http-port={free_port()}",
@@ -122,7 +123,9 @@ class Proxy:
 
     def env(self) -> dict[str, str]:
         env = {"SINKSERVE_PROXY_BIND": self.target}
-        env.update({f"SINKSERVE_REPLICA_{i}": r.target for i, r in enumerate(self.replicas)})
+        for i, r in enumerate(self.replicas):
+            env[f"SINKSERVE_REPLICA_{i}"] = r.target
+            env[f"SINKSERVE_REPLICA_{i}_READY_PORT"] = str(r.metrics_port)
         return env
 
     def start(self) -> None:

@@ -30,6 +30,9 @@ class GatewayConfig:
     health_interval_s: float = 0.25
     probe_timeout_s: float = 1.5
     shutdown_grace_s: float = 30.0  # turns in flight get this long to finish on SIGTERM
+    # On SIGTERM, health says NOT_SERVING this long before open streams are ended: a
+    # proxy checking /ready (or gRPC health) has moved new streams elsewhere by then.
+    drain_delay_s: float = 1.5
     sinks: int = 0  # reported to clients when the model config does not say
     window: int = 0
 
@@ -51,5 +54,6 @@ class GatewayConfig:
         need(self.health_interval_s > 0, "health_interval_s", "must be > 0")
         need(self.probe_timeout_s > 0, "probe_timeout_s", "must be > 0")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", "must be >= 0")
+        need(self.drain_delay_s >= 0, "drain_delay_s", "must be >= 0")
         need(self.sinks >= 0, "sinks", "must be >= 0")
         need(self.window >= 0, "window", "must be >= 0")

@@ -1,8 +1,20 @@
-"""Prometheus metrics of the gateway, in a registry of their own (served on the metrics port)."""
+"""Prometheus metrics of the gateway, in a registry of their own, served with a readiness
+endpoint on the metrics port."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -42,7 +54,30 @@ class GatewayMetrics:
             "sinkserve_gateway_backend_ready", "1 while Triton and the model are ready", registry=r
         )
 
-    def serve(self, host: str, port: int) -> tuple[object, int]:
-        """Start the /metrics HTTP server; returns (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, ready: Callable[[], bool]) -> tuple[object, int]:
+        """Start the HTTP server of /metrics and /ready (200 while `ready()`, else 503: a
+        readiness check for proxies and probes that speak HTTP, not gRPC health); returns
+        (server, bound port)."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/ready":
+                    ok = ready()
+                    status, body = (200, b"SERVING\n") if ok else (503, b"NOT_SERVING\n")
+                    kind = "text/plain"
+                else:
+                    status, body, kind = 200, generate_latest(registry), CONTENT_TYPE_LATEST
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # probes every fraction of a second: no line each
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="gateway-http", daemon=True).start()
         return server, server.server_port

@@ -33,6 +33,7 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.serving = False  # what health says: the model answers and no drain began
         self._log = structlog.get_logger("sinkserve.gateway")
         self._server = grpc.aio.server(
             interceptors=[AuthInterceptor(auth)],
@@ -54,7 +55,7 @@ class Gateway:
         await self._server.start()
         if self.config.metrics_port >= 0:
             self._metrics_server, self.metrics_port = self.metrics.serve(
-                self.config.host, self.config.metrics_port
+                self.config.host, self.config.metrics_port, lambda: self.serving
             )
         self._tasks = [asyncio.create_task(self._watch_backend())]
         self._log.info(
@@ -68,7 +69,11 @@ class Gateway:
         """Stop taking work, let running turns finish (up to the grace), then stop."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         self._log.info("gateway draining", turns_running=self.servicer.turns_running, grace_s=grace)
+        self.serving = False
         await self.health.enter_graceful_shutdown()
+        # Proxies and load balancers see NOT_SERVING first, and stop sending new streams
+        # here, before the streams open now are ended (their clients then resume elsewhere).
+        await asyncio.sleep(self.config.drain_delay_s)
         self.servicer.drain()
         await self._server.stop(grace)
         for task in self._tasks:
@@ -89,6 +94,7 @@ class Gateway:
         await self.stop()
 
     async def _set_serving(self, ok: bool) -> None:
+        self.serving = ok
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if ok

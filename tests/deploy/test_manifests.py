@@ -1,28 +1,39 @@
-"""deploy/ agrees with the code: commands and flags, settings, ports, probes, volumes.
+"""deploy/ agrees with the code: commands and flags, settings, ports, probes, volumes, and
+how sessions reach replicas (proxy, DNS discovery, the shared Redis, autoscaling).
 
 The kustomizations are rendered with `kubectl kustomize` (what `kubectl apply -k` sends),
-so the checks see the overlay as the cluster would.
+so the checks see the overlay as the cluster would. Every rendered object is validated
+offline against the Kubernetes API schemas (kubernetes-validate), both HAProxy configs are
+checked by the real `haproxy -c`, and Redis runs with the StatefulSet's own command.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
+import urllib.parse
 from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
+import redis
 import yaml
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from service.cli import build_parser
+from service.engine.store import RedisStore, open_store
 from service.gateway.auth import parse_tokens
 from service.gateway.config import GatewayConfig
+from service.triton.launcher import REPLICA_ENV, STORE_ENV, free_port
+from service.triton.metrics import GAUGES
 from service.triton.settings import ModelSettings, parse_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,9 +41,16 @@ DEPLOY = ROOT / "deploy"
 REPO_CONFIG = ROOT / "triton_model_repo" / "sinkserve" / "config.pbtxt"
 VARIANTS = {"base": DEPLOY / "k8s" / "base", "gpu": DEPLOY / "k8s" / "overlays" / "gpu"}
 DOCKERFILES = {"base": DEPLOY / "Dockerfile", "gpu": DEPLOY / "Dockerfile.gpu"}
+EXAMPLES = sorted(VARIANTS["base"].glob("*.example.yaml"))
+LOOPBACK_PROXY_CONFIG = DEPLOY / "haproxy" / "haproxy.cfg"
 # After the last turn, a finalizing model instance stops its engine (up to 10 s) and writes
 # its sessions; the launcher allows tritonserver 15 s past its exit timeout.
 FINALIZE_MARGIN_S = 25
+# The Kubernetes release whose API schemas the manifests must pass (kubernetes-validate
+# ships them; strict: an unknown field fails too).
+KUBERNETES = "1.30"
+# Labels of some other pod in the namespace, for the NetworkPolicy checks.
+STRANGER = {"app.kubernetes.io/name": "something-else"}
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
@@ -55,20 +73,39 @@ def variant(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def objects(variant: str) -> dict[str, dict[str, Any]]:
-    """The rendered objects of a variant, by kind (one of each)."""
+    """The rendered objects of a variant, by "Kind/name"."""
     docs = render(VARIANTS[variant])
-    by_kind = {doc["kind"]: doc for doc in docs}
-    assert len(by_kind) == len(docs), "one object of each kind"
-    return by_kind
+    by_key = {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in docs}
+    assert len(by_key) == len(docs), "one object of each kind and name"
+    return by_key
 
 
-def pod(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return dict(objects["Deployment"]["spec"]["template"]["spec"])
+def of_kind(objects: dict[str, dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in objects.values() if doc["kind"] == kind]
 
 
-def container(objects: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    spec = pod(objects)
-    (found,) = [c for c in spec["containers"] + spec["initContainers"] if c["name"] == name]
+def pod_template(objects: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    return dict(objects[key]["spec"]["template"])
+
+
+def pod(objects: dict[str, dict[str, Any]], key: str = "Deployment/sinkserve") -> dict[str, Any]:
+    return dict(pod_template(objects, key)["spec"])
+
+
+def pod_labels(objects: dict[str, dict[str, Any]], key: str) -> dict[str, str]:
+    return dict(pod_template(objects, key)["metadata"]["labels"])
+
+
+def pod_ports(objects: dict[str, dict[str, Any]], key: str) -> dict[str, int]:
+    """Every named container port of a workload's pods."""
+    return {name: port for c in pod(objects, key)["containers"] for name, port in ports(c).items()}
+
+
+def container(
+    objects: dict[str, dict[str, Any]], name: str, key: str = "Deployment/sinkserve"
+) -> dict[str, Any]:
+    spec = pod(objects, key)
+    (found,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name]
     return dict(found)
 
 
@@ -94,6 +131,11 @@ def ports(c: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in c["ports"]}
 
 
+def env(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> the env entry (its `value` or `valueFrom`)."""
+    return {e["name"]: e for e in c.get("env", [])}
+
+
 def mounts(c: dict[str, Any]) -> dict[str, str]:
     """mountPath -> volume name."""
     return {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
@@ -111,7 +153,7 @@ def model_config(text: str) -> model_config_pb2.ModelConfig:
 
 
 def configmap_model_config(objects: dict[str, dict[str, Any]]) -> model_config_pb2.ModelConfig:
-    return model_config(objects["ConfigMap"]["data"]["config.pbtxt"])
+    return model_config(objects["ConfigMap/sinkserve-model"]["data"]["config.pbtxt"])
 
 
 def engine_settings(config: model_config_pb2.ModelConfig) -> ModelSettings:
@@ -137,14 +179,160 @@ def walk_yaml_files() -> Iterator[Path]:
     yield from sorted(DEPLOY.rglob("*.yaml"))
 
 
+def example(name: str) -> dict[str, Any]:
+    """The example Secret of that name (secret-*.example.yaml)."""
+    docs = [yaml.safe_load(path.read_text()) for path in EXAMPLES]
+    (found,) = [d for d in docs if d["metadata"]["name"] == name]
+    return dict(found)
+
+
+# ---- NetworkPolicy semantics (only what these manifests use) ---------------------------
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "matchExpressions are not modelled here"
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def peer_admits(peer: dict[str, Any], labels: dict[str, str]) -> bool:
+    if set(peer) == {"podSelector"}:  # pods of this namespace
+        return selects(peer["podSelector"], labels)
+    return True  # a namespace or address range may hold any pod: assume it does
+
+
+def admits(
+    objects: dict[str, dict[str, Any]],
+    target: str,
+    port: int,
+    source_labels: dict[str, str],
+) -> bool:
+    """Whether the policies let a pod with `source_labels` (same namespace) open a
+    connection to `port` of the pods of workload `target`."""
+    labels, named = pod_labels(objects, target), pod_ports(objects, target)
+    policies = [
+        p["spec"]
+        for p in of_kind(objects, "NetworkPolicy")
+        if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    for rule in (rule for p in policies for rule in p.get("ingress", [])):
+        peers = rule.get("from")
+        if peers and not any(peer_admits(peer, source_labels) for peer in peers):
+            continue
+        rule_ports = [named.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+        if not rule_ports or port in rule_ports:
+            return True
+    return False
+
+
+# ---- HAProxy configs ------------------------------------------------------------------
+
+
+def haproxy_sections(text: str) -> dict[str, list[str]]:
+    """ "keyword [name]" -> its lines, stripped, without comments and blank lines."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not raw[0].isspace():
+            assert line not in sections, f"section {line!r} twice"
+            current = sections.setdefault(line, [])
+        else:
+            current.append(line)
+    return sections
+
+
+def routing(text: str) -> dict[str, list[str]]:
+    """The `defaults`, `frontend` and `backend` sections without the lines that say where
+    to listen and where the replicas are (which differ between loopback and cluster)."""
+    where = ("bind ", "server ", "server-template ")
+    return {
+        header: [line for line in lines if not line.startswith(where)]
+        for header, lines in haproxy_sections(text).items()
+        if header.split()[0] in ("defaults", "frontend", "backend")
+    }
+
+
+def proxy_config(objects: dict[str, dict[str, Any]]) -> str:
+    """haproxy.cfg as the proxy pods see it: from the ConfigMap their volume names."""
+    (volume,) = pod(objects, "Deployment/sinkserve-proxy")["volumes"]
+    return str(objects[f"ConfigMap/{volume['configMap']['name']}"]["data"]["haproxy.cfg"])
+
+
+def haproxy() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        pytest.fail("haproxy is not installed: run `apt-get install haproxy` (.ci/run does)")
+    return found
+
+
+def haproxy_check(path: Path, environ: dict[str, str]) -> None:
+    result = subprocess.run(
+        [haproxy(), "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **environ},
+    )
+    assert result.returncode == 0, f"haproxy -c -f {path}:\n{result.stdout}{result.stderr}"
+
+
+def placeholders(text: str) -> set[str]:
+    """The environment variables a HAProxy config expands ("${NAME}")."""
+    return set(re.findall(r"\$\{(\w+)\}", text))
+
+
 def test_every_yaml_file_under_deploy_parses_into_kubernetes_objects() -> None:
     files = list(walk_yaml_files())
-    assert len(files) >= 8
+    assert len(files) >= 12
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         assert docs, path
         for doc in docs:
             assert {"apiVersion", "kind"} <= doc.keys(), path
+
+
+def validation_errors(doc: dict[str, Any]) -> str | None:
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        where = "/".join(str(p) for p in err.absolute_path)
+        return f"{doc['kind']}/{doc['metadata']['name']} at {where or '/'}: {err.message}"
+    return None
+
+
+def test_every_rendered_object_passes_the_kubernetes_api_schemas(objects) -> None:
+    kinds = {doc["kind"] for doc in objects.values()}
+    assert {"HorizontalPodAutoscaler", "StatefulSet", "NetworkPolicy"} <= kinds
+    errors = [e for doc in objects.values() if (e := validation_errors(doc))]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_example_secrets_pass_the_kubernetes_api_schemas() -> None:
+    docs = [yaml.safe_load(path.read_text()) for path in EXAMPLES]
+    assert {d["metadata"]["name"] for d in docs} == {"sinkserve-tokens", "sinkserve-session-store"}
+    errors = [e for doc in docs if (e := validation_errors(doc))]
+    assert not errors, "\n".join(errors)
+
+
+def test_the_schema_check_rejects_what_the_api_server_would() -> None:
+    """The validator is strict: a misspelt field or a wrong type fails, so a pass means
+    something."""
+    hpa: dict[str, Any] = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "x"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"},
+            "maxReplicas": 3,
+        },
+    }
+    assert validation_errors(hpa) is None
+    assert validation_errors({**hpa, "spec": {**hpa["spec"], "maxReplica": 3}})
+    assert validation_errors({**hpa, "spec": {**hpa["spec"], "maxReplicas": "3"}})
 
 
 def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects) -> None:
@@ -153,7 +341,6 @@ def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects)
     assert (triton.command, gateway.command) == ("triton", "gateway")
     assert triton.host == gateway.host == "0.0.0.0"
     assert triton.models is None, "the default model, `sinkserve`"
-    assert objects["Deployment"]["spec"]["replicas"] == 1, "sessions live in one pod"
 
 
 def test_the_dockerfiles_run_sinkserve_with_a_command_the_cli_accepts(variant) -> None:
@@ -183,8 +370,8 @@ def test_the_cpu_image_has_the_compiler_and_a_cache_the_fused_decode_step_needs(
         assert "g++" in installs.group(1).split(), "without it the engine decodes eagerly"
     # torch builds extensions under $XDG_CACHE_HOME: a writable volume, not the image.
     triton = container(objects, "triton")
-    env = {e["name"]: e["value"] for e in triton["env"]}
-    volume = volume_of(triton, Path(env["XDG_CACHE_HOME"]) / "torch_extensions")
+    cache = Path(env(triton)["XDG_CACHE_HOME"]["value"])
+    volume = volume_of(triton, cache / "torch_extensions")
     assert "emptyDir" in next(v for v in pod(objects)["volumes"] if v["name"] == volume)
 
 
@@ -236,21 +423,102 @@ def test_container_ports_are_the_ports_the_flags_open(objects) -> None:
     assert (host, int(port)) == ("127.0.0.1", triton.grpc_port), "Triton in the same pod"
 
 
-def test_the_service_targets_the_gateway_and_the_metrics_but_not_tritons_apis(objects) -> None:
-    by_name = {**ports(container(objects, "triton")), **ports(container(objects, "gateway"))}
-    service = objects["Service"]["spec"]
-    targets = {p["name"]: (p["port"], by_name[p["targetPort"]]) for p in service["ports"]}
-    assert targets == {
-        "grpc": (by_name["grpc"], by_name["grpc"]),
+def service_targets(objects: dict[str, dict[str, Any]], service: str, workload: str) -> dict:
+    """{port name: (Service port, the workload's container port it reaches)}, after
+    checking that the Service selects that workload's pods."""
+    spec = objects[f"Service/{service}"]["spec"]
+    assert selects({"matchLabels": spec["selector"]}, pod_labels(objects, workload))
+    named = pod_ports(objects, workload)
+    return {p["name"]: (p["port"], named[p["targetPort"]]) for p in spec["ports"]}
+
+
+def selected_workloads(objects: dict[str, dict[str, Any]], service: str) -> set[str]:
+    selector = {"matchLabels": objects[f"Service/{service}"]["spec"]["selector"]}
+    workloads = [k for k, d in objects.items() if d["kind"] in ("Deployment", "StatefulSet")]
+    return {k for k in workloads if selects(selector, pod_labels(objects, k))}
+
+
+def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(objects) -> None:
+    gateway = container_args(objects, "gateway")
+    config = haproxy_sections(proxy_config(objects))
+    # The public Service is the proxy's listener...
+    assert selected_workloads(objects, "sinkserve") == {"Deployment/sinkserve-proxy"}
+    (bind,) = [line for line in config["frontend grpc"] if line.startswith("bind ")]
+    listen = int(re.fullmatch(r"bind :(\d+) proto h2", bind).group(1))  # type: ignore[union-attr]
+    assert service_targets(objects, "sinkserve", "Deployment/sinkserve-proxy") == {
+        "grpc": (gateway.port, listen)
+    }
+    # ...whose replicas are the ready sinkserve pods, by the headless Service's DNS name.
+    headless = objects["Service/sinkserve-headless"]["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is False
+    assert selected_workloads(objects, "sinkserve-headless") == {"Deployment/sinkserve"}
+    assert service_targets(objects, "sinkserve-headless", "Deployment/sinkserve") == {
+        "grpc": (gateway.port, gateway.port)
+    }
+    (template,) = [line for line in config["backend sinkserve"] if line.startswith("server")]
+    slots, name, port = re.fullmatch(  # type: ignore[union-attr]
+        r'server-template replica (\d+) "([\w.${}-]+):(\d+)" resolvers k8s .*init-addr none.*',
+        template,
+    ).groups()
+    assert name == "sinkserve-headless.${POD_NAMESPACE}.svc.cluster.local"
+    assert int(port) == gateway.port
+    hpa = objects["HorizontalPodAutoscaler/sinkserve"]["spec"]
+    assert int(slots) >= hpa["maxReplicas"], "a slot for every replica the HPA may start"
+
+
+def test_the_proxy_config_finds_its_namespace_from_the_downward_api(objects) -> None:
+    proxy = container(objects, "haproxy", "Deployment/sinkserve-proxy")
+    assert placeholders(proxy_config(objects)) == {"POD_NAMESPACE"}
+    assert env(proxy)["POD_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}
+    }
+
+
+def test_the_metrics_service_targets_the_gateway_and_the_engine_but_not_tritons_apis(
+    objects,
+) -> None:
+    by_name = pod_ports(objects, "Deployment/sinkserve")
+    assert service_targets(objects, "sinkserve-metrics", "Deployment/sinkserve") == {
         "metrics": (by_name["metrics"], by_name["metrics"]),
         "triton-metrics": (by_name["triton-metrics"], by_name["triton-metrics"]),
     }
-    labels = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
-    assert service["selector"].items() <= labels.items()
-    allowed = {
-        p["port"] for rule in objects["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"]
-    }
-    assert allowed == set(targets), "only the Service's ports are open to other pods"
+    # Triton's HTTP and gRPC APIs (load/unload, no authentication) are in no Service.
+    apis = {by_name["triton-http"], by_name["triton-grpc"]}
+    for service in of_kind(objects, "Service"):
+        name = service["metadata"]["name"]
+        if "Deployment/sinkserve" in selected_workloads(objects, name):
+            reached = set(service_targets(objects, name, "Deployment/sinkserve").values())
+            assert not {target for _, target in reached} & apis, name
+
+
+def test_only_the_proxy_reaches_the_gateways_and_only_sinkserve_pods_reach_redis(
+    objects,
+) -> None:
+    server, proxy, store = (
+        "Deployment/sinkserve",
+        "Deployment/sinkserve-proxy",
+        "StatefulSet/sinkserve-redis",
+    )
+    labels = {k: pod_labels(objects, k) for k in (server, proxy, store)}
+    named = pod_ports(objects, server)
+    # The gateways: the proxy only; metrics: anyone (Prometheus); Triton's APIs: no one.
+    assert admits(objects, server, named["grpc"], labels[proxy])
+    for other in (STRANGER, labels[store]):
+        assert not admits(objects, server, named["grpc"], other)
+    for port in (named["metrics"], named["triton-metrics"]):
+        assert admits(objects, server, port, STRANGER)
+    for port in (named["triton-http"], named["triton-grpc"]):
+        for other in (STRANGER, labels[proxy]):
+            assert not admits(objects, server, port, other)
+    # Redis: the sinkserve pods only.
+    redis_port = pod_ports(objects, store)["redis"]
+    assert admits(objects, store, redis_port, labels[server])
+    for other in (STRANGER, labels[proxy]):
+        assert not admits(objects, store, redis_port, other)
+    # The proxy: its gRPC port for every client, not its health port.
+    proxy_ports = pod_ports(objects, proxy)
+    assert admits(objects, proxy, proxy_ports["grpc"], STRANGER)
+    assert not admits(objects, proxy, proxy_ports["health"], STRANGER)
 
 
 def test_probes_ask_the_ports_that_answer_them(objects) -> None:
@@ -297,8 +565,8 @@ def test_the_model_repository_is_the_images_code_with_config_from_the_configmap(
     # A directory mount of a ConfigMap with a stable name: an edit changes the file in
     # the running pod (a subPath mount never updates; a hashed name restarts the pod).
     volumes = {v["name"]: v for v in pod(objects)["volumes"]}
-    assert volumes["model-config"]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
-    assert objects["ConfigMap"]["metadata"]["name"] == "sinkserve-model"
+    assert volumes["model-config"]["configMap"]["name"] == "sinkserve-model"
+    assert "ConfigMap/sinkserve-model" in objects
     assert not any("subPath" in m for m in triton["volumeMounts"])
 
 
@@ -310,14 +578,114 @@ def test_the_handoff_dir_is_on_a_volume_that_outlives_the_model_instances(object
     assert volume_of(triton, handoff) != volume_of(triton, Path("/tmp"))
 
 
-def test_the_session_store_is_a_file_on_a_volume_that_outlives_the_container(objects) -> None:
-    triton = container(objects, "triton")
-    store = container_args(objects, "triton").session_store
-    assert store.startswith("sqlite:///")
-    path = Path(store.removeprefix("sqlite://"))
-    volumes = {v["name"]: v for v in pod(objects)["volumes"]}
-    assert "emptyDir" in volumes[volume_of(triton, path)]
-    assert volume_of(triton, path) != volume_of(triton, Path("/tmp"))
+def test_the_engine_opens_the_shared_redis_from_the_secret_under_the_pods_name(
+    objects, monkeypatch
+) -> None:
+    triton_c = container(objects, "triton")
+    triton = container_args(objects, "triton")
+    # No flag: the launcher would put it in place of the environment below.
+    assert (triton.session_store, triton.replica) == (None, "")
+    store_ref = env(triton_c)[STORE_ENV]["valueFrom"]["secretKeyRef"]
+    assert env(triton_c)[REPLICA_ENV]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # The example Secret's URL names the Redis Service, its port and Redis's password.
+    secret = example(store_ref["name"])["stringData"]
+    url = urllib.parse.urlsplit(secret[store_ref["key"]])
+    assert (url.scheme, url.hostname, url.path) == ("redis", "sinkserve-redis", "/0")
+    assert service_targets(objects, "sinkserve-redis", "StatefulSet/sinkserve-redis") == {
+        "redis": (url.port, url.port)
+    }
+    redis_env = env(container(objects, "redis", "StatefulSet/sinkserve-redis"))
+    password_ref = redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert password_ref["name"] == store_ref["name"]
+    assert url.password == secret[password_ref["key"]]
+    # What the model makes of it: config.pbtxt sets no store or replica of its own.
+    monkeypatch.setenv(STORE_ENV, secret[store_ref["key"]])
+    monkeypatch.setenv(REPLICA_ENV, "sinkserve-5d8f7c9b4-x2x7q")
+    settings = engine_settings(configmap_model_config(objects))
+    assert settings.session_store == secret[store_ref["key"]]
+    assert settings.replica == "sinkserve-5d8f7c9b4-x2x7q"
+    assert isinstance(open_store(settings.session_store), RedisStore)
+    # Nothing is kept in the pod any more.
+    assert not any("sqlite" in json.dumps(c) for c in pod(objects)["containers"])
+
+
+def redis_container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return container(objects, "redis", "StatefulSet/sinkserve-redis")
+
+
+def test_redis_keeps_its_data_on_a_claim_as_a_non_root_user(objects) -> None:
+    statefulset = objects["StatefulSet/sinkserve-redis"]["spec"]
+    assert statefulset["replicas"] == 1
+    assert statefulset["serviceName"] == "sinkserve-redis"
+    assert objects["Service/sinkserve-redis"]["spec"]["clusterIP"] == "None"
+    redis_c = redis_container(objects)
+    assert redis_c["image"] == "redis:7"
+    (claim,) = statefulset["volumeClaimTemplates"]
+    script = redis_c["command"][-1]
+    data_dir = re.search(r"--dir (\S+)", script).group(1)  # type: ignore[union-attr]
+    assert volume_of(redis_c, Path(data_dir)) == claim["metadata"]["name"]
+    security = pod(objects, "StatefulSet/sinkserve-redis")["securityContext"]
+    assert security["runAsNonRoot"] and security["runAsUser"] != 0
+    assert redis_c["securityContext"]["readOnlyRootFilesystem"]
+    assert {"requests", "limits"} <= redis_c["resources"].keys()
+
+
+def test_redis_runs_with_its_containers_command_and_probe_and_takes_the_secrets_url(
+    objects, tmp_path
+) -> None:
+    """The StatefulSet's own shell command and readiness probe, run here on a real
+    redis-server: the password from the Secret is required, the AOF is on, and the URL
+    the sinkserve pods get (host and port aside) opens it."""
+    executable = shutil.which("redis-server")
+    if executable is None or not shutil.which("redis-cli"):
+        pytest.fail("redis-server is not installed: run `apt-get install redis-server`")
+    redis_c = redis_container(objects)
+    redis_env = env(redis_c)
+    secret_name = redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+    secret = example(secret_name)["stringData"]
+    environ = {
+        **os.environ,
+        **{
+            name: secret[entry["valueFrom"]["secretKeyRef"]["key"]]
+            for name, entry in redis_env.items()
+        },
+    }
+    port = free_port("127.0.0.1")
+    here = f"--dir {tmp_path} --port {port} --bind 127.0.0.1"
+    *shell, script = redis_c["command"]
+    assert script.count("--dir /data") == 1
+    server = subprocess.Popen(
+        [*shell, script.replace("--dir /data", here)],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    *probe_shell, probe = redis_c["readinessProbe"]["exec"]["command"]
+    local_probe = [*probe_shell, probe.replace("redis-cli", f"redis-cli -p {port}")]
+    assert local_probe[-1] != probe
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(local_probe, env=environ, capture_output=True).returncode != 0:
+            assert server.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "the readiness probe never passed"
+            time.sleep(0.05)
+        no_auth = {k: v for k, v in environ.items() if k != "REDISCLI_AUTH"}
+        assert subprocess.run(local_probe, env=no_auth, capture_output=True).returncode != 0
+        url = urllib.parse.urlsplit(secret["session-store"])
+        local_url = url._replace(netloc=f":{url.password}@127.0.0.1:{port}").geturl()
+        client = redis.Redis.from_url(local_url)
+        try:
+            assert client.ping()
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            assert client.config_get("dir") == {"dir": str(tmp_path)}
+        finally:
+            client.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects) -> None:
@@ -327,18 +695,119 @@ def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects)
     mount = next(p for p, v in mounts(gateway).items() if v == volume["name"])
     (item,) = volume["secret"]["items"]
     assert Path(mount) / item["path"] == tokens_file
-    example = yaml.safe_load((VARIANTS["base"] / "secret-tokens.example.yaml").read_text())
-    assert example["metadata"]["name"] == volume["secret"]["secretName"]
-    assert parse_tokens(example["stringData"][item["key"]], source="example")
+    tokens = example(volume["secret"]["secretName"])
+    assert parse_tokens(tokens["stringData"][item["key"]], source="example")
     assert volume["secret"]["defaultMode"] & 0o040, "fsGroup lets the non-root user read it"
+
+
+def test_both_proxy_configs_route_sessions_with_the_same_lines(objects) -> None:
+    loopback = routing(LOOPBACK_PROXY_CONFIG.read_text())
+    cluster = routing(proxy_config(objects))
+    assert {"defaults", "frontend grpc", "backend sinkserve"} <= loopback.keys()
+    assert {header: cluster.get(header) for header in loopback} == loopback
+    # The cluster's one extra front end answers the kubelet and routes nothing.
+    assert cluster.keys() - loopback.keys() == {"frontend health"}
+    assert not [line for line in cluster["frontend health"] if "backend" in line]
+    balance = loopback["backend sinkserve"]
+    assert "balance hdr(x-session-id)" in balance and "hash-type consistent" in balance
+
+
+def test_haproxy_accepts_both_proxy_configs(objects, tmp_path) -> None:
+    cluster = tmp_path / "haproxy.cfg"
+    cluster.write_text(proxy_config(objects))
+    haproxy_check(cluster, {name: "default" for name in placeholders(cluster.read_text())})
+    # The loopback config takes every address from the environment (its header says so).
+    loopback = LOOPBACK_PROXY_CONFIG.read_text()
+    assert placeholders(loopback)
+    addresses = {name: f"127.0.0.1:{50051 + i}" for i, name in enumerate(placeholders(loopback))}
+    haproxy_check(LOOPBACK_PROXY_CONFIG, addresses)
+
+
+def test_haproxy_check_fails_a_config_it_cannot_run(tmp_path) -> None:
+    broken = tmp_path / "haproxy.cfg"
+    broken.write_text("defaults\n    mode http\nbackend b\n    balance hdr(x-session-id\n")
+    with pytest.raises(AssertionError, match="haproxy -c"):
+        haproxy_check(broken, {})
+
+
+def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(objects) -> None:
+    proxy = container(objects, "haproxy", "Deployment/sinkserve-proxy")
+    spec = pod(objects, "Deployment/sinkserve-proxy")
+    assert proxy["image"] == "haproxy:2.6"
+    assert objects["Deployment/sinkserve-proxy"]["spec"]["replicas"] == 2
+    command = proxy["command"]
+    config_path = Path(command[command.index("-f") + 1])
+    (volume,) = spec["volumes"]
+    assert volume_of(proxy, config_path) == volume["name"]
+    assert config_path.name == "haproxy.cfg" and "-db" in command, "foreground"
+    # The probes ask the config's health front end.
+    health = haproxy_sections(proxy_config(objects))["frontend health"]
+    (monitor,) = [line.split()[1] for line in health if line.startswith("monitor-uri ")]
+    (bind,) = [int(line.split(":")[-1]) for line in health if line.startswith("bind ")]
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = proxy[kind]["httpGet"]
+        assert (probe["path"], ports(proxy)[probe["port"]]) == (monitor, bind)
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"]
+    # Streams in flight get hard-stop-after before the kubelet kills the pod.
+    (hard_stop,) = [
+        int(line.split()[1].removesuffix("s"))
+        for line in haproxy_sections(proxy_config(objects))["global"]
+        if line.startswith("hard-stop-after ")
+    ]
+    pre_stop = int(proxy["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + hard_stop
+
+
+def test_the_autoscaler_keeps_3_to_10_replicas_on_the_engines_load(objects) -> None:
+    hpa = objects["HorizontalPodAutoscaler/sinkserve"]["spec"]
+    deployment = objects["Deployment/sinkserve"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": deployment["apiVersion"],
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 10)
+    # The HPA owns the count: a `replicas` here would reset it on every apply.
+    assert "replicas" not in deployment["spec"]
+    targets = {}
+    for metric in hpa["metrics"]:
+        assert metric["type"] == "Pods", "a per-pod engine metric, not CPU"
+        assert metric["pods"]["target"]["type"] == "AverageValue"
+        targets[metric["pods"]["metric"]["name"]] = float(metric["pods"]["target"]["averageValue"])
+    assert set(targets) == {"sinkserve_turns_running", "sinkserve_turns_waiting"}
+    assert set(targets) <= GAUGES.keys(), "gauges the engine exports on Triton's metrics port"
+    # Running turns each hold a slot: aim below the slots the engine has.
+    slots = engine_settings(configmap_model_config(objects)).engine.max_sessions
+    assert slots / 2 <= targets["sinkserve_turns_running"] < slots
+
+
+def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(objects) -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    (query,) = re.findall(r"seriesQuery: '(.*)'", readme)
+    names = re.search(r'__name__=~"([^"]+)"', query).group(1)  # type: ignore[union-attr]
+    assert 'pod!=""' in query and 'namespace!=""' in query
+    for metric in objects["HorizontalPodAutoscaler/sinkserve"]["spec"]["metrics"]:
+        assert re.fullmatch(names, metric["pods"]["metric"]["name"])
+
+
+def test_a_drain_takes_one_sinkserve_pod_at_a_time_at_any_replica_count(objects) -> None:
+    budgets = {k: d["spec"] for k, d in objects.items() if d["kind"] == "PodDisruptionBudget"}
+    for workload in ("Deployment/sinkserve", "Deployment/sinkserve-proxy"):
+        (budget,) = [
+            b for b in budgets.values() if selects(b["selector"], pod_labels(objects, workload))
+        ]
+        assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget, workload
 
 
 def test_the_gpu_overlay_asks_for_one_gpu_and_runs_the_gpu_image(variant, objects) -> None:
     triton = container(objects, "triton")
     images = {c["image"] for c in pod(objects)["containers"] + pod(objects)["initContainers"]}
     gpus = triton["resources"]["limits"].get("nvidia.com/gpu")
+    strategy = objects["Deployment/sinkserve"]["spec"]["strategy"]
     if variant == "gpu":
         assert (images, gpus) == ({"sinkserve:0.1.0-gpu"}, 1)
-        assert objects["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+        # No surge pod (it would need a spare GPU): one pod at a time is replaced.
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     else:
         assert (images, gpus) == ({"sinkserve:0.1.0"}, None)
+        assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}

@@ -85,6 +85,7 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
             "metrics_port": 0,
             "health_interval_s": 0.2,
             "shutdown_grace_s": 5.0,
+            "drain_delay_s": 0.0,
             "triton_url": f"127.0.0.1:{free_port()}",  # nothing listens there
         }
         settings.update(overrides)
