@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,25 @@ class Cluster:
                 replica.stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+def model_repository(root: Path, **parameters: str) -> Path:
+    """A copy of the model repository in `root` whose config.pbtxt has `parameters` set
+    (each replacing the key's value, or added to the parameters block)."""
+    repo = root / "model_repo"
+    shutil.copytree(default_model_repository(), repo)
+    config = repo / "sinkserve" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        entry = f'{{ key: "{key}", value: {{ string_value: "{value}" }} }}'
+        text, n = re.subn(
+            rf'\{{ key: "{key}", value: \{{ string_value: "[^"]*" \}} \}}', entry, text
+        )
+        if n == 0:
+            text, n = re.subn(r"^parameters \[\n", f"parameters [\n  {entry},\n", text, flags=re.M)
+        assert n == 1, f"config.pbtxt has no parameters block for {key}"
+    config.write_text(text)
+    return repo
 
 
 async def serving(target: str) -> bool:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.triton.launcher import default_model_repository, free_port
-from tests.triton.conftest import write_parameters
+from service import cluster
+from service.triton.launcher import free_port
 
 SINKSERVE = str(Path(sys.executable).with_name("sinkserve"))
 TOKENS = "alice:alice-token\nbob:bob-token\n"
@@ -38,10 +37,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 def model_repository(root: Path, **overrides: str) -> Path:
     """A copy of the model repository with `PARAMETERS` (and `overrides`)."""
-    repo = root / "model_repo"
-    shutil.copytree(default_model_repository() / "sinkserve", repo / "sinkserve")
-    write_parameters(repo / "sinkserve" / "config.pbtxt", {**PARAMETERS, **overrides})
-    return repo
+    return cluster.model_repository(root, **{**PARAMETERS, **overrides})
 
 
 def process_tree(root: int) -> dict[int, str]:
