@@ -120,7 +120,7 @@ class TritonBackend:
             inputs.append(_string("system_prompt", system))
         if (sampling := fields.get("sampling")) is not None:
             inputs += _sampling_inputs(sampling)
-        async for result in self._responses(inputs, timeout_s=30.0):
+        async for result in self._responses(inputs, 30.0, final="session_info"):
             out = result.as_numpy("session_info")
             if out is None:
                 raise GatewayError(grpc.StatusCode.INTERNAL, f"no session_info in {action} answer")
@@ -144,7 +144,7 @@ class TritonBackend:
         ]
         if req.raw:
             inputs.append(_tensor("raw_prompt", "BOOL", np.array([True])))
-        async for result in self._responses(inputs, timeout_s):
+        async for result in self._responses(inputs, timeout_s, final="finish_reason"):
             delta, final = _read(result)
             if delta is not None:
                 yield delta
@@ -156,10 +156,15 @@ class TritonBackend:
         )
 
     async def _responses(
-        self, inputs: list[InferInput], timeout_s: float | None
+        self, inputs: list[InferInput], timeout_s: float | None, final: str
     ) -> AsyncIterator[Any]:
-        """The responses of one request; in-band errors and failed calls as GatewayError.
-        Leaving early cancels the Triton stream."""
+        """The responses of one request, up to the one with output `final` (the model
+        sets FINAL on it); in-band errors and failed calls as GatewayError.
+
+        Leaving before that cancels the Triton stream, which cancels the request on the
+        model. After it, the stream is only half-closed, never cancelled: tritonserver
+        2.51 has crashed (SIGSEGV) under load on cancellations of requests it had
+        already completed."""
         done = asyncio.Event()
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
@@ -168,16 +173,22 @@ class TritonBackend:
             await done.wait()
 
         responses = self._client.stream_infer(requests(), stream_timeout=timeout_s)
+        finished = False
         try:
             async for result, error in responses:
                 if error is not None:
+                    finished = True  # an error response is the request's last
                     raise from_triton_message(str(error.message()))
+                finished = result.as_numpy(final) is not None
                 yield result
+                if finished:
+                    return
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         finally:
             done.set()
-            responses.cancel()
+            if not finished:
+                responses.cancel()
 
 
 def _tensor(name: str, datatype: str, values: np.ndarray) -> InferInput:

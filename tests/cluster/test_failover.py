@@ -19,7 +19,14 @@ from tests.faults.stack import model_repository
 
 SESSIONS, TURNS = 24, 10
 # A window no conversation fills: without evictions, failover must not change a reply.
-CLUSTER_PARAMETERS = {"window": "508", "max_sessions": "8", "max_sessions_per_owner": "64"}
+CLUSTER_PARAMETERS = {
+    "window": "508",
+    "max_sessions": "8",
+    "max_sessions_per_owner": "64",
+    # At the end one replica holds all 24 sessions (8 slots), each rebuilt once or twice.
+    "step_token_budget": "256",
+    "slot_wait_s": "120",
+}
 
 
 @pytest.fixture(scope="module")
