@@ -25,6 +25,8 @@ from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 
 TokenDelta = pb.TokenDelta
+# Stream failures after which a turn that streamed nothing is sent again (see Conversation).
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 TurnEnd = pb.TurnEnd
 Session = pb.Session
 
@@ -121,11 +123,13 @@ class ChatClient:
 class Conversation:
     """One Chat stream: `send()` a turn and iterate its deltas; `cancel()`, `end()`.
 
-    Failover: a turn whose stream fails with UNAVAILABLE before its first delta (its
-    replica died or drains; nothing of the turn was recorded) is sent once more, after
-    `retry_delay_s`, on a new stream resuming the session (a proxy routes it to a live
-    replica, which rebuilds the session from the store). A turn that had already
-    streamed text is not retried: its error is raised, so no reply is shown twice."""
+    Failover: a turn whose stream fails with UNAVAILABLE, or INTERNAL (how a proxy
+    reports a connection its replica reset; the gateway itself never answers a bad
+    request with it), before its first delta (its replica died or drains; nothing of the
+    turn was recorded) is sent once more, after `retry_delay_s`, on a new stream
+    resuming the session (a proxy routes it to a live replica, which rebuilds the
+    session from the store). A turn that had already streamed text is not retried: its
+    error is raised, so no reply is shown twice."""
 
     retry_delay_s = 0.5
 
@@ -183,7 +187,7 @@ class Conversation:
                         self.cache_position = response.turn_end.usage.cache_position
                         return
             except grpc.aio.AioRpcError as err:
-                if err.code() is not grpc.StatusCode.UNAVAILABLE or streamed or attempt == 2:
+                if err.code() not in RETRIED or streamed or attempt == 2:
                     raise
             self.retries += 1
             await asyncio.sleep(self.retry_delay_s)
@@ -374,7 +378,7 @@ class SyncConversation:
                 raise ConnectionError("the server closed the stream")
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
-                if code is not grpc.StatusCode.UNAVAILABLE or streamed or attempt == 2:
+                if code not in RETRIED or streamed or attempt == 2:
                     raise
             time.sleep(self.retry_delay_s)
             self._responses.cancel()
