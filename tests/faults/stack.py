@@ -1,28 +1,18 @@
-"""Real processes for fault tests: `sinkserve serve` (tritonserver with the engine, and
-the gateway) or a lone `sinkserve gateway`, on free loopback ports, and the tools to kill
-parts of them and to watch health while they recover."""
+"""Real processes for fault tests: `sinkserve serve` (service.cluster.Replica) on free
+loopback ports with a small model configuration, and the tools to find the processes
+under it, read its metrics and watch its health while it recovers."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from service import cluster
-from service.triton.launcher import free_port
+from service.cluster import SINKSERVE, Child, Replica
 
-SINKSERVE = str(Path(sys.executable).with_name("sinkserve"))
 TOKENS = "alice:alice-token\nbob:bob-token\n"
 # Small and quick on 2 cores; a window long enough that the tests' turns never evict.
 PARAMETERS = {
@@ -32,12 +22,29 @@ PARAMETERS = {
     "max_new_tokens": "64",
     "step_token_budget": "64",
 }
-SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def model_repository(root: Path, **overrides: str) -> Path:
     """A copy of the model repository with `PARAMETERS` (and `overrides`)."""
     return cluster.model_repository(root, **{**PARAMETERS, **overrides})
+
+
+def tokens_file(root: Path) -> Path:
+    path = root / "tokens"
+    path.write_text(TOKENS)
+    return path
+
+
+def stack(root: Path, store: str) -> Replica:
+    """`sinkserve serve` in `root` (its log: root/stack.log) with callers alice and bob."""
+    return Replica("stack", root, store, model_repository(root), tokens_file(root))
+
+
+def gateway(root: Path, name: str, port: int, triton_url: str) -> Child:
+    """A lone `sinkserve gateway` on `port` in front of the Triton at `triton_url`."""
+    args = [SINKSERVE, "--log-json", "gateway", f"--port={port}", "--metrics-port=-1"]
+    args += [f"--tokens-file={tokens_file(root)}", f"--triton-url={triton_url}"]
+    return Child(args, root / f"{name}.log")
 
 
 def process_tree(root: int) -> dict[int, str]:
@@ -65,113 +72,37 @@ def process_tree(root: int) -> dict[int, str]:
     return tree
 
 
-@dataclass
-class Process:
-    """One sinkserve command as a child process, its output in `log`."""
-
-    args: list[str]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [SINKSERVE, "--log-json", *self.args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
-                start_new_session=True,
-            )
-
-    def child(self, name: str) -> int:
-        """The pid of the one descendant whose command name starts with `name`."""
-        assert self.proc is not None
-        found = [p for p, n in process_tree(self.proc.pid).items() if n.startswith(name)]
-        assert len(found) == 1, (name, process_tree(self.proc.pid))
-        return found[0]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            rc = None
-        # Whatever of its process group is left (a test failed midway) goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait() if rc is None else rc
+def descendant(replica: Replica, name: str) -> int:
+    """The pid of the one process under the replica whose command name starts so."""
+    assert replica.child is not None and replica.child.proc is not None
+    tree = process_tree(replica.child.proc.pid)
+    found = [pid for pid, command in tree.items() if command.startswith(name)]
+    assert len(found) == 1, (name, tree)
+    return found[0]
 
 
-@dataclass
-class Stack:
-    """`sinkserve serve` on free ports with a session store of the test's choosing."""
-
-    root: Path
-    store: str
-    port: int = field(default_factory=free_port)
-    triton_grpc: int = field(default_factory=free_port)
-    triton_metrics: int = field(default_factory=free_port)
-    process: Process | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def triton_url(self) -> str:
-        return f"127.0.0.1:{self.triton_grpc}"
-
-    def start(self) -> None:
-        tokens = self.root / "tokens"
-        tokens.write_text(TOKENS)
-        repo = self.root / "model_repo"
-        if not repo.exists():
-            model_repository(self.root)
-        args = [
-            "serve",
-            f"--port={self.port}",
-            f"--metrics-port={free_port()}",
-            f"--model-repository={repo}",
-            f"--triton-grpc-port={self.triton_grpc}",
-            f"--triton-http-port={free_port()}",
-            f"--triton-metrics-port={self.triton_metrics}",
-            f"--tokens-file={tokens}",
-            f"--session-store={self.store}",
-        ]
-        self.process = Process(args, self.root / "serve.log")
-        self.process.start()
-
-    def stop(self) -> int:
-        assert self.process is not None
-        return self.process.stop()
-
-    def metric(self, name: str) -> float | None:
-        """A sinkserve metric on Triton's metrics port (None when absent)."""
-        url = f"http://127.0.0.1:{self.triton_metrics}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)
-        return float(m.group(1)) if m else None
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
-async def health(target: str) -> int | None:
-    """The gateway's overall health status, or None when it does not answer."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-        except grpc.aio.AioRpcError:
-            return None
-        return int(reply.status)
+def metric(replica: Replica, name: str) -> float | None:
+    """A sinkserve metric on the replica's Triton metrics port (None when absent)."""
+    url = f"http://127.0.0.1:{replica.triton_metrics}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    m = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, flags=re.M)
+    return float(m.group(1)) if m else None
 
 
 async def wait_health(target: str, serving: bool, timeout_s: float) -> float:
     """The time (time.monotonic) at which health was seen to be (or not be) SERVING;
     fails after `timeout_s`."""
     start = time.monotonic()
-    while ((await health(target)) == SERVING) != serving:
+    while (await cluster.serving(target)) != serving:
         assert time.monotonic() - start < timeout_s, f"health not {serving} in {timeout_s}s"
         await asyncio.sleep(0.05)
     return time.monotonic()

@@ -18,8 +18,9 @@ import grpc
 import pytest
 
 from service.client import ChatClient, sampling
+from service.cluster import Replica
 from service.triton.launcher import free_port
-from tests.faults.stack import Process, Stack, wait_health
+from tests.faults.stack import descendant, gateway, running, stack, wait_health
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?"]
 LONG = "Write a long story about a dragon who learns to cook."
@@ -28,19 +29,19 @@ READY_S = 300  # a cold model load on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
     root = tmp_path_factory.mktemp("stack")
-    stack = Stack(root, store=f"sqlite://{root / 'sessions.sqlite3'}")
-    stack.start()
-    asyncio.run(wait_health(stack.target, True, READY_S))
-    yield stack
-    stack.stop()
-    print(f"sinkserve serve log: {root / 'serve.log'}")
+    replica = stack(root, store=f"sqlite://{root / 'sessions.sqlite3'}")
+    replica.start()
+    asyncio.run(wait_health(replica.target, True, READY_S))
+    yield replica
+    replica.stop()
+    print(f"sinkserve serve log: {root / 'stack.log'}")
 
 
 @pytest.fixture
-async def alice(stack: Stack) -> AsyncIterator[ChatClient]:
-    async with ChatClient(stack.target, "alice-token") as client:
+async def alice(serve: Replica) -> AsyncIterator[ChatClient]:
+    async with ChatClient(serve.target, "alice-token") as client:
         yield client
 
 
@@ -73,17 +74,17 @@ async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, s
         chat.drop()
 
 
-async def crash_mid_turn(stack: Stack, alice: ChatClient, kill) -> float:
+async def crash_mid_turn(serve: Replica, alice: ChatClient, kill) -> float:
     """The acceptance of a crash below the gateway; returns the recovery seconds."""
     _, reference = await ask(alice, None, QUESTIONS)
     sid, first = await ask(alice, None, QUESTIONS[:1])
     assert first[0][0] == reference[0][0]
-    watch = asyncio.create_task(wait_health(stack.target, False, 30))
+    watch = asyncio.create_task(wait_health(serve.target, False, 30))
     code, details, seconds, killed = await cut_by(kill, alice, sid)
     assert code is grpc.StatusCode.UNAVAILABLE, details
     assert seconds < 5, seconds
     assert await watch - killed < 2  # health NOT_SERVING within 2 s of the kill
-    recovery = await wait_health(stack.target, True, READY_S) - killed
+    recovery = await wait_health(serve.target, True, READY_S) - killed
     # The cut turn never happened: the session continues from its first turn, exactly.
     _, second = await ask(alice, sid, QUESTIONS[1:])
     assert second[0][0] == reference[1][0]
@@ -93,50 +94,36 @@ async def crash_mid_turn(stack: Stack, alice: ChatClient, kill) -> float:
 
 
 async def test_a_killed_model_process_fails_its_turn_fast_and_the_session_continues(
-    stack: Stack, alice: ChatClient
+    serve: Replica, alice: ChatClient
 ) -> None:
-    assert stack.process is not None
-    stub = stack.process.child("triton_python")
-    await crash_mid_turn(stack, alice, lambda: os.kill(stub, signal.SIGKILL))
+    stub = descendant(serve, "triton_python")
+    await crash_mid_turn(serve, alice, lambda: os.kill(stub, signal.SIGKILL))
 
 
 async def test_a_killed_tritonserver_fails_its_turn_fast_and_the_session_continues(
-    stack: Stack, alice: ChatClient
+    serve: Replica, alice: ChatClient
 ) -> None:
-    assert stack.process is not None
-    server = stack.process.child("tritonserver")
-    orphan = stack.process.child("triton_python")
-    await crash_mid_turn(stack, alice, lambda: os.kill(server, signal.SIGKILL))
+    server = descendant(serve, "tritonserver")
+    orphan = descendant(serve, "triton_python")
+    await crash_mid_turn(serve, alice, lambda: os.kill(server, signal.SIGKILL))
     # The killed server's model process (orphaned, holding a whole engine) ended itself.
     assert not running(orphan)
 
 
-def running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 async def test_a_killed_gateway_is_replaced_and_its_sessions_resume_with_their_owner(
-    stack: Stack, tmp_path: Path
+    serve: Replica, tmp_path: Path
 ) -> None:
     port = free_port()
-    tokens = tmp_path / "tokens"
-    tokens.write_text("alice:alice-token\nbob:bob-token\n")
-    args = ["gateway", f"--port={port}", "--metrics-port=-1", f"--tokens-file={tokens}"]
-    args.append(f"--triton-url={stack.triton_url}")
+    triton_url = f"127.0.0.1:{serve.triton_grpc}"
     target = f"127.0.0.1:{port}"
-    first = Process(args, tmp_path / "gateway.log")
+    first = gateway(tmp_path, "gateway", port, triton_url)
     first.start()
     await wait_health(target, True, 60)
     async with ChatClient(target, "alice-token") as alice:
         sid, before = await ask(alice, None, QUESTIONS[:1])
         code, _, seconds, _ = await cut_by(lambda: first.stop(signal.SIGKILL), alice, sid)
     assert code is grpc.StatusCode.UNAVAILABLE and seconds < 5
-    second = Process(args, tmp_path / "gateway2.log")
+    second = gateway(tmp_path, "gateway2", port, triton_url)
     second.start()
     try:
         await wait_health(target, True, 60)
@@ -154,13 +141,13 @@ async def test_a_killed_gateway_is_replaced_and_its_sessions_resume_with_their_o
 
 
 async def test_the_whole_stack_restarted_resumes_every_session_by_id(
-    stack: Stack, alice: ChatClient
+    serve: Replica, alice: ChatClient
 ) -> None:
     sessions = [await ask(alice, None, QUESTIONS[:1]) for _ in range(3)]
-    assert stack.stop() == 0
-    stack.start()
-    await wait_health(stack.target, True, READY_S)
-    async with ChatClient(stack.target, "alice-token") as client:
+    assert serve.stop() == 0
+    serve.start()
+    await wait_health(serve.target, True, READY_S)
+    async with ChatClient(serve.target, "alice-token") as client:
         listed = {s.session_id for s in await client.list_sessions()}
         for sid, first in sessions:
             assert sid in listed

@@ -12,7 +12,7 @@ from pathlib import Path
 from service.client import ChatClient, sampling
 from service.engine.store import RedisStore
 from service.redis_server import RedisServer
-from tests.faults.stack import Stack, wait_health
+from tests.faults.stack import metric, stack, wait_health
 
 READY_S = 300
 
@@ -32,27 +32,27 @@ def logged(path: Path, event: str) -> bool:
 async def test_turns_go_on_while_redis_is_down_and_the_latest_record_is_written_when_it_is_back(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    stack = Stack(tmp_path, store=redis_server.url)
-    stack.start()
+    serve = stack(tmp_path, store=redis_server.url)
+    serve.start()
     try:
-        await wait_health(stack.target, True, READY_S)
+        await wait_health(serve.target, True, READY_S)
         async with (
-            ChatClient(stack.target, "alice-token") as alice,
+            ChatClient(serve.target, "alice-token") as alice,
             alice.conversation(defaults=sampling(max_tokens=16)) as chat,
         ):
             await chat.turn("What is the capital of France?")
             redis_server.stop()
             _, end = await chat.turn("And of Germany?")  # from the cache in memory
-            await until(lambda: stack.metric("sinkserve_store_up") == 0)
-            assert (stack.metric("sinkserve_store_pending_records") or 0) >= 1
-            assert logged(stack.root / "serve.log", "session store unavailable")
+            await until(lambda: metric(serve, "sinkserve_store_up") == 0)
+            assert (metric(serve, "sinkserve_store_pending_records") or 0) >= 1
+            assert logged(serve.workdir / "stack.log", "session store unavailable")
             redis_server.start()
-            await until(lambda: stack.metric("sinkserve_store_up") == 1)
-            assert logged(stack.root / "serve.log", "session store available again")
+            await until(lambda: metric(serve, "sinkserve_store_up") == 1)
+            assert logged(serve.workdir / "stack.log", "session store available again")
             record = RedisStore(redis_server.url).get(chat.session_id, now=time.time())
             assert record is not None and record.position == end.usage.cache_position
             text, _ = await chat.turn("And of Italy?")
             assert text
-        assert (await wait_health(stack.target, True, 1)) > 0  # serving throughout
+        assert (await wait_health(serve.target, True, 1)) > 0  # serving throughout
     finally:
-        assert stack.stop() == 0
+        assert serve.stop() == 0

@@ -141,7 +141,7 @@ class OpenSession(_message.Message):
     """Kept at the start of the cache (it counts against the sinks + window budget)."""
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
-        """Defaults for every turn of this stream."""
+        """Defaults for every turn of the session, kept with it (on every later stream too)."""
 
     def __init__(
         self,
@@ -159,7 +159,9 @@ Global___OpenSession: _TypeAlias = OpenSession  # noqa: Y015
 
 @_typing.final
 class ResumeSession(_message.Message):
-    """The first request of a stream, to continue an existing session."""
+    """The first request of a stream, to continue an existing session. Send the session's id
+    as `x-session-id` metadata too: a proxy routes by it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -168,7 +170,7 @@ class ResumeSession(_message.Message):
     session_id: _builtins.str
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
-        """Defaults for every turn of this stream."""
+        """Defaults for every turn of this stream (over the session's own defaults)."""
 
     def __init__(
         self,
