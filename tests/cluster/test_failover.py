@@ -43,6 +43,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         print(f"cluster logs: {root}")
 
 
+@pytest.mark.timeout(1500)  # three cold model loads (the first compiles the decode step)
 def test_sessions_survive_a_killed_and_a_stopped_replica_with_the_same_greedy_replies(
     cluster: Cluster,
 ) -> None:

@@ -47,49 +47,6 @@ def gateway(root: Path, name: str, port: int, triton_url: str) -> Child:
     return Child(args, root / f"{name}.log")
 
 
-def process_tree(root: int) -> dict[int, str]:
-    """pid -> command name of `root` and all its living descendants (from /proc)."""
-    parents: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-        if state != "Z":  # a dead child its parent has not reaped (a killed stub)
-            parents[int(entry.name)] = (int(ppid), name)
-    tree = {root: parents.get(root, (0, "?"))[1]}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (ppid, name) in parents.items():
-            if ppid in tree and pid not in tree:
-                tree[pid] = name
-                grew = True
-    return tree
-
-
-def descendant(replica: Replica, name: str) -> int:
-    """The pid of the one process under the replica whose command name starts so."""
-    assert replica.child is not None and replica.child.proc is not None
-    tree = process_tree(replica.child.proc.pid)
-    found = [pid for pid, command in tree.items() if command.startswith(name)]
-    assert len(found) == 1, (name, tree)
-    return found[0]
-
-
-def running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie waiting to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def metric(replica: Replica, name: str) -> float | None:
     """A sinkserve metric on the replica's Triton metrics port (None when absent)."""
     url = f"http://127.0.0.1:{replica.triton_metrics}/metrics"

@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from service.client import ChatClient, sampling
-from service.cluster import Replica
+from service.cluster import Replica, descendant, running
 from service.triton.launcher import free_port
-from tests.faults.stack import descendant, gateway, running, stack, wait_health
+from tests.faults.stack import gateway, stack, wait_health
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?"]
 LONG = "Write a long story about a dragon who learns to cook."
