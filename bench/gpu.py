@@ -200,7 +200,7 @@ def engine_vs_oracle(dev: torch.device) -> dict:
                 "rel_err_max": max(errs),
                 "rel_err_median": statistics.median(errs),
                 "argmax_agreement": sum(agree) / len(agree),
-                "final_positions": [s.position for s in rec.engine.stats().session_info],
+                "final_positions": [rec.engine.get_session(c.sid).position for c in convs],
             }
         out[name] = result
     return out

@@ -36,7 +36,7 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     for n_prompt in (30, 9, 1, 17):
         conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
         run_until_idle(rec)
-    assert rec.engine.stats().session_info[0].position >= 3 * (sinks + window)
+    assert rec.engine.get_session(conv.sid).position >= 3 * (sinks + window)
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19
 
 

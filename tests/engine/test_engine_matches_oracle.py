@@ -87,7 +87,7 @@ def check_three_bfloat16_sessions(rec: RecordingEngine, cfg, tensors, sinks: int
         for conv in convs:
             conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
         run_until_idle(rec)
-    assert rec.engine.stats().session_info[0].position >= 2 * (sinks + window)
+    assert rec.engine.get_session(convs[0].sid).position >= 2 * (sinks + window)
     pairs = [p for conv in convs for p in conv.pairs(sinks, window, cfg, tensors)]
     assert len(pairs) == 3 * 3 * 19
     # This model's float32 logits reach about 9; its bfloat16 weights and activations
@@ -113,7 +113,7 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     for n_prompt in (30, 9, 1, 17):
         conv.submit(tokens(rng, n_prompt, cfg.vocab_size), max_new=19)
         run_until_idle(rec)
-    info = rec.engine.stats().session_info[0]
+    info = rec.engine.get_session(conv.sid)
     assert info.position >= 3 * (sinks + window)
     assert info.evicted_tokens == info.position - sinks - window
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19

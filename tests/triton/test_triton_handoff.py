@@ -11,7 +11,7 @@ from service.triton.handoff import Handoff
 
 
 def snap(sid: str, kv: object = None) -> SessionSnapshot:
-    return SessionSnapshot(sid, None, 3, [1], [2, 3], [], False, 1, kv)  # type: ignore[arg-type]
+    return SessionSnapshot(sid, None, 3, [1], [2, 3], [], False, 1, kv=kv)  # type: ignore[arg-type]
 
 
 def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path: Path):
