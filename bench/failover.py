@@ -30,8 +30,17 @@ from tqdm import tqdm
 from service.cluster import REPLICAS, Cluster, model_repository
 from service.failover import answered_once, converse
 
-# The CPU default engine, a window no 10-turn conversation fills, slots for 24 sessions.
-PARAMETERS = {"window": "1020", "max_sessions": "8", "max_sessions_per_owner": "256"}
+# The CPU default engine and its window (no 10-turn conversation fills it), on one
+# thread a replica: three engines of two OpenMP threads on two cores would oversubscribe
+# them (each parallel region then pays a futex wake-up). One replica holds all sessions
+# at the end, 8 slots for 24: turns wait for slots longer than the default 30 s.
+PARAMETERS = {
+    "window": "1020",
+    "max_sessions": "8",
+    "max_sessions_per_owner": "256",
+    "threads": "1",
+    "slot_wait_s": "300",
+}
 
 
 def main() -> int:
@@ -76,7 +85,8 @@ def main() -> int:
         "cores": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
-        "engine": "SmolLM2-135M-Instruct, float32, sinks 4 + window 1020, 8 slots a replica",
+        "engine": "SmolLM2-135M-Instruct, float32, sinks 4 + window 1020, 8 slots and "
+        "1 thread a replica",
         "replicas": REPLICAS,
         "sessions": args.sessions,
         "turns_expected": args.sessions * args.turns,

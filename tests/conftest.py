@@ -24,7 +24,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server (tests/redis_server.py) on a free port, stopped at teardown.
+    """A real redis-server (service/redis_server.py) on a free port, stopped at teardown.
     Fails, never skips, where redis-server is not installed."""
     if shutil.which("redis-server") is None:
         pytest.fail(INSTALL_HINT, pytrace=False)

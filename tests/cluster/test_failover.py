@@ -25,7 +25,9 @@ CLUSTER_PARAMETERS = {
     "max_sessions_per_owner": "64",
     # At the end one replica holds all 24 sessions (8 slots), each rebuilt once or twice.
     "step_token_budget": "256",
-    "slot_wait_s": "120",
+    "slot_wait_s": "300",
+    # Three engines on two cores: one OpenMP thread each, or they oversubscribe the cores.
+    "threads": "1",
 }
 
 
