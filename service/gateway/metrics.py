@@ -55,7 +55,9 @@ class GatewayMetrics:
             "sinkserve_gateway_backend_ready", "1 while Triton and the model are ready", registry=r
         )
 
-    def serve(self, host: str, port: int, ready: Callable[[], bool]) -> tuple[object, int]:
+    def serve(
+        self, host: str, port: int, ready: Callable[[], bool]
+    ) -> tuple[ThreadingHTTPServer, int]:
         """Start the HTTP server of /metrics and /ready (200 while `ready()`, else 503: a
         readiness check for proxies and probes that speak HTTP, not gRPC health); returns
         (server, bound port)."""

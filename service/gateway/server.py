@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
+from http.server import ThreadingHTTPServer
 
 import grpc
 import structlog
@@ -17,6 +19,7 @@ from service.gateway.config import GatewayConfig
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ChatServicer
 
+_STEP_S = 5.0  # the most any step of stop() may take (beyond the drain grace)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 
@@ -39,7 +42,7 @@ class Gateway:
             interceptors=[AuthInterceptor(auth)],
             options=_server_options(config),
         )
-        self._metrics_server: object | None = None
+        self._metrics_server: ThreadingHTTPServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -75,14 +78,23 @@ class Gateway:
         # here, before the streams open now are ended (their clients then resume elsewhere).
         await asyncio.sleep(self.config.drain_delay_s)
         self.servicer.drain()
-        await self._server.stop(grace)
+        # Each step is bounded: grpc.aio's Server.stop can wait forever on a handler whose
+        # call was cancelled, and a gateway asked to stop must stop.
+        await self._bounded("grpc server", self._server.stop(grace), grace + _STEP_S)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()  # type: ignore[attr-defined]
-        await self.backend.close()
+        await self._bounded("upkeep", asyncio.gather(*self._tasks, return_exceptions=True))
+        if (http := self._metrics_server) is not None:
+            await self._bounded("http server", asyncio.to_thread(http.shutdown))
+            http.server_close()
+        await self._bounded("backend channel", self.backend.close())
         self._log.info("gateway stopped")
+
+    async def _bounded(self, step: str, work: Awaitable[object], limit_s: float = _STEP_S) -> None:
+        try:
+            await asyncio.wait_for(work, limit_s)
+        except asyncio.TimeoutError:
+            self._log.warning("gateway stop step overran; going on", step=step, limit_s=limit_s)
 
     async def run_until_signal(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully."""
