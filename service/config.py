@@ -45,6 +45,9 @@ class EngineConfig:
     max_host_sessions: int = 1024  # idle sessions swapped to host memory
     step_token_budget: int = 256  # tokens per engine step (decode + chunked prefill)
     max_new_tokens: int = 4096  # upper bound a request may ask for
+    # Tokens a turn (with its chat template) or a system prompt may have; 0 = the window.
+    # Longer ones are refused: their own start would be evicted during their prefill.
+    max_prompt_tokens: int = 0
     slot_wait_s: float = 30.0  # how long a new turn waits for a busy slot
     session_ttl_s: float = 3600.0  # idle sessions expire after this
     max_sessions_per_owner: int = 64  # open sessions of one caller, in memory or stored
@@ -82,11 +85,17 @@ class EngineConfig:
         need(self.max_host_sessions >= 0, "max_host_sessions", "must be >= 0")
         need(self.step_token_budget >= 1, "step_token_budget", "must be >= 1")
         need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.max_prompt_tokens >= 0, "max_prompt_tokens", "must be >= 0 (0 = the window)")
         need(self.slot_wait_s >= 0, "slot_wait_s", "must be >= 0")
         need(self.session_ttl_s > 0, "session_ttl_s", "must be > 0")
         need(self.max_sessions_per_owner >= 1, "max_sessions_per_owner", "must be >= 1")
         need(self.lease_s > 0, "lease_s", "must be > 0")
         need(self.threads >= 0, "threads", "must be >= 0")
+
+    @property
+    def prompt_limit(self) -> int:
+        """The most tokens one turn or system prompt may have."""
+        return self.max_prompt_tokens or self.window
 
     @property
     def cache_len(self) -> int:

@@ -222,6 +222,11 @@ class Engine:
         turn of it (validated here). ResourceExhausted past the owner's quota."""
         defaults = dict(sampling or {})
         self._defaults.updated(defaults).validate(self.config.max_new_tokens)
+        if system:
+            try:
+                self._check_fits("system prompt", len(self.chat.first_turn(system, "")))
+            except ValueError as err:  # the model's chat template takes no system prompt
+                raise InvalidRequest(str(err)) from None
         sid = session_id or secrets.token_urlsafe(16)
         quota = self.config.max_sessions_per_owner
         with self._open_lock:  # count and insert as one: opens run on several threads
@@ -600,6 +605,7 @@ class Engine:
         tokens = self._encode(prompt, raw=raw, first=first, system=system, eos=finished_eos)
         if any(not 0 <= t < self.tokenizer.vocab_size for t in tokens):
             raise InvalidRequest("token id out of range")
+        self._check_fits("turn", len(s.owed) + len(tokens))
         with self._lock:
             if self._sessions.get(session_id) is not s:
                 raise UnknownSession(f"session {session_id!r} ended while submitting")
@@ -626,6 +632,19 @@ class Engine:
             self._sched.add(turn)
             self._wake.notify()
         return turn.turn_id
+
+    def _check_fits(self, what: str, tokens: int) -> None:
+        """Refuse what the cache cannot hold (by default a prompt longer than the window
+        would be prefilled only to have its own start evicted) and what has no bounded
+        prefill time.
+        (The limit counts the chat template's tokens and, for a session's first turn,
+        its system prompt.)"""
+        limit = self.config.prompt_limit
+        if tokens > limit:
+            raise InvalidRequest(
+                f"{what} is {tokens} tokens with its chat template; the limit is {limit} "
+                f"tokens (the cache window is {self.config.window}): send it as several turns"
+            )
 
     def _encode(
         self, prompt: str | Sequence[int], *, raw: bool, first: bool, system: str | None, eos: bool
