@@ -16,7 +16,7 @@ from typing import TextIO
 
 import grpc
 
-from service.client import ChatClient, Conversation, sampling
+from service.client import ChatClient, Conversation, TLSConfig, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 
 HELP = "/new  fresh session · /end  end session and quit · /stats  cache · Ctrl-C  stop reply"
@@ -31,6 +31,12 @@ def add_chat_parser(
     p.add_argument(
         "--token", default=os.environ.get("SINKSERVE_TOKEN", ""), help="($SINKSERVE_TOKEN)"
     )
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default="", help="TLS, trusting this PEM CA bundle")
+    p.add_argument(
+        "--tls-cert", default="", help="PEM client certificate (a gateway requiring one)"
+    )
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     p.add_argument("--session", default="", help="resume this session id")
     p.add_argument("--system", default="", help="system prompt of a new session")
     p.add_argument("--max-tokens", type=int, default=256)
@@ -45,12 +51,22 @@ def main_chat(args: argparse.Namespace) -> int:
     except grpc.RpcError as err:
         print(f"\nerror: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as err:  # TLS flags: a lone cert or key, a missing file
+        print(f"sinkserve chat: {err}", file=sys.stderr)
+        return 2
+
+
+def tls_config(args: argparse.Namespace) -> TLSConfig | None:
+    """TLS settings from the flags; None (plaintext) when no TLS flag is given."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TLSConfig(root_ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
 
 
 async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO) -> int:
     loop = asyncio.get_running_loop()
     defaults = sampling(max_tokens=args.max_tokens, temperature=args.temperature)
-    async with ChatClient(args.target, args.token or None) as client:
+    async with ChatClient(args.target, args.token or None, tls=tls_config(args)) as client:
 
         async def open_chat(session_id: str | None) -> Conversation:
             chat = client.conversation(session_id, system_prompt=args.system, defaults=defaults)

@@ -8,6 +8,10 @@
 
 Errors arrive as `grpc.RpcError` (`.code()`, `.details()`); the session survives a failed
 stream and can be resumed with `conversation(session_id=...)`.
+
+A gateway serving TLS takes `tls=TLSConfig(root_ca_file="ca.pem")` (and `cert_file`,
+`key_file` where it requires client certificates); without `tls` the channel is
+plaintext, for a gateway on loopback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import queue
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -35,6 +41,34 @@ def sampling(**fields: Any) -> pb.SamplingParams:
     """SamplingParams from keyword arguments (max_tokens, temperature, top_k, top_p,
     repetition_penalty, seed, stop); None values are left unset."""
     return pb.SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS of a client channel. `root_ca_file`: PEM of the CA(s) that signed the gateway's
+    certificate ("": the system's trust store). `cert_file` and `key_file` (both or
+    neither): this client's PEM certificate chain and key, for a gateway that requires
+    client certificates."""
+
+    root_ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials, with the files read now (OSError if one is missing)."""
+
+        def read(path: str) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_ca_file),
+            private_key=read(self.key_file),
+            certificate_chain=read(self.cert_file),
+        )
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -65,9 +99,22 @@ class ChatClient:
     """Async client; one channel, many conversations."""
 
     def __init__(
-        self, target: str, token: str | None = None, *, channel: grpc.aio.Channel | None = None
+        self,
+        target: str,
+        token: str | None = None,
+        *,
+        tls: TLSConfig | None = None,
+        channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        """A client of the gateway at `target` (host:port), plaintext unless `tls` is
+        given; `channel` replaces the one it would open."""
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, tls.credentials())
+                if tls is not None
+                else grpc.aio.insecure_channel(target)
+            )
+        self._channel = channel
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = _metadata(token)
 
@@ -271,8 +318,15 @@ class Conversation:
 class SyncChatClient:
     """Blocking client with the same shape as ChatClient."""
 
-    def __init__(self, target: str, token: str | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str, token: str | None = None, *, tls: TLSConfig | None = None
+    ) -> None:
+        """A client of the gateway at `target`, plaintext unless `tls` is given."""
+        self._channel = (
+            grpc.secure_channel(target, tls.credentials())
+            if tls is not None
+            else grpc.insecure_channel(target)
+        )
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
         self._metadata = _metadata(token)
 

@@ -2,6 +2,8 @@
 
 Triton runs as a child process through the launcher, watched by a `Supervisor` that
 restarts it (or reloads the model) after a crash; the gateway runs in this process.
+Triton's gRPC and HTTP APIs (no authentication, model control) listen on 127.0.0.1
+whatever `--host` says; the gateway and both metrics endpoints listen on `--host`.
 Sessions are kept in the session store (SQLite under $XDG_STATE_HOME by default), so they
 outlive a restart of the whole command. Ctrl-C (or SIGTERM) drains the gateway, then
 stops Triton.
@@ -26,7 +28,12 @@ def add_serve_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run Triton and the gateway together (CPU default)")
-    p.add_argument("--host", default="127.0.0.1", help="address of every listener")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the gateway and the metrics (Triton's APIs stay on 127.0.0.1); "
+        "beyond loopback it needs --tls-cert/--tls-key or --insecure-plaintext",
+    )
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
     p.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port")
     p.add_argument(
@@ -52,31 +59,56 @@ def add_serve_parser(
     )
     p.add_argument("--tokens-file", default="", help="file of 'caller:token' lines")
     p.add_argument("--no-auth", action="store_true", help="accept calls without a token")
+    p.add_argument("--tls-cert", default="", help="PEM certificate chain of the gateway (TLS)")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed"
+    )
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="plaintext on a non-loopback --host: only behind a TLS-terminating proxy",
+    )
     p.set_defaults(func=main_serve)
     return p
 
 
-def main_serve(args: argparse.Namespace) -> int:
-    config = GatewayConfig(
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """The gateway's settings from `sinkserve serve` flags (ConfigError when invalid)."""
+    return GatewayConfig(
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
-        triton_url=f"{args.host}:{args.triton_grpc_port}",
+        triton_url=f"127.0.0.1:{args.triton_grpc_port}",
         tokens_file=args.tokens_file,
         auth_disabled=args.no_auth,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_client_ca_file=args.tls_client_ca,
+        insecure_plaintext=args.insecure_plaintext,
     )
-    auth = Authenticator.from_environ(
-        disabled=config.auth_disabled, tokens_file=config.tokens_file, tokens_env=config.tokens_env
-    )
-    triton = TritonServer(
+
+
+def triton_server(args: argparse.Namespace) -> TritonServer:
+    """Triton as `sinkserve serve` runs it: its APIs on loopback (the launcher's default),
+    only its read-only metrics on `--host`."""
+    return TritonServer(
         model_repository=args.model_repository,
-        host=args.host,
+        metrics_host=args.host,
         grpc_port=args.triton_grpc_port,
         http_port=args.triton_http_port,
         metrics_port=args.triton_metrics_port,
         session_store=args.session_store,
         replica=args.replica,
     )
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    config = gateway_config(args)
+    auth = Authenticator.from_environ(
+        disabled=config.auth_disabled, tokens_file=config.tokens_file, tokens_env=config.tokens_env
+    )
+    triton = triton_server(args)
     print("starting tritonserver and loading the model (about a minute on CPU)...", flush=True)
     try:
         triton.start()
@@ -96,6 +128,8 @@ async def _run_gateway(config: GatewayConfig, auth: Authenticator, triton: Trito
     stopped = False
     supervisor = asyncio.create_task(Supervisor(triton).run(lambda: stopped))
     token = "" if config.auth_disabled else " --token <your token>"
+    if config.tls:
+        token += " --tls-ca <the CA of the gateway's certificate>"
     print(
         f"sinkserve is up: gateway {config.host}:{gateway.port} "
         f"(metrics :{gateway.metrics_port}), Triton gRPC {triton.grpc_url} "

@@ -2,7 +2,9 @@
 
 Tokens come from a file (lines `caller:token`, `#` comments) and/or an environment
 variable (`caller:token,caller:token`). Auth is off only when explicitly disabled; then
-every request is the caller "anonymous".
+every request is the caller "anonymous". `Authenticator.reload()` reads the sources again
+(the gateway calls it on SIGHUP and when the file changes): the new tokens apply to calls
+that start after it.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ import hmac
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
+import structlog
 
 from service.config import ConfigError
 
 ANONYMOUS = "anonymous"
+# What a reload did: "failed" keeps the tokens that were in force.
+ReloadResult = Literal["changed", "unchanged", "failed"]
+# (inode, mtime in ns, size) of the tokens file; None while it cannot be stat'ed.
+_Stamp = tuple[int, int, int] | None
 # Method prefixes that need no token: probes and schema discovery.
 PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -39,12 +46,64 @@ def parse_tokens(text: str, *, source: str, separator: str = "\n") -> dict[str, 
     return tokens
 
 
-class Authenticator:
-    """Maps the `authorization: Bearer <token>` metadata of a call to a caller name."""
+class TokenSources:
+    """Where the tokens come from: a file of `caller:token` lines and/or an environment
+    variable of `caller:token,caller:token` entries (a token in both: the variable's)."""
 
-    def __init__(self, tokens: Mapping[str, str] | None) -> None:
-        """`tokens` maps token -> caller; None disables auth (everyone is ANONYMOUS)."""
+    def __init__(self, tokens_file: str, tokens_env: str, environ: Mapping[str, str]) -> None:
+        self.tokens_file = tokens_file
+        self.tokens_env = tokens_env
+        self._environ = environ
+        self._stamp: _Stamp = None  # the file as it was when last read
+
+    def read(self) -> dict[str, str]:
+        """{token: caller} from every source; ConfigError (or OSError) when a source is
+        malformed or unreadable, or the sources hold no token at all."""
+        # Stamped before reading: a change made during the read shows up as a change to
+        # the next `changed()`, so it is never missed (at worst read twice).
+        self._stamp = self._file_stamp()
+        tokens: dict[str, str] = {}
+        if self.tokens_file:
+            tokens |= parse_tokens(Path(self.tokens_file).read_text(), source=self.tokens_file)
+        if self.tokens_env and self._environ.get(self.tokens_env):
+            text = self._environ[self.tokens_env]
+            tokens |= parse_tokens(text, source=f"${self.tokens_env}", separator=",")
+        if not tokens:
+            raise ConfigError(
+                f"no API tokens: set --tokens-file or ${self.tokens_env} "
+                "(or pass --no-auth for local use only)"
+            )
+        return tokens
+
+    def changed(self) -> bool:
+        """Whether the tokens file is not the one last read (its inode, mtime or size
+        differ). A new inode is how a Kubernetes Secret volume swaps its files in."""
+        return bool(self.tokens_file) and self._file_stamp() != self._stamp
+
+    def _file_stamp(self) -> _Stamp:
+        if not self.tokens_file:
+            return None
+        try:
+            st = os.stat(self.tokens_file)  # follows links, as the read does
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class Authenticator:
+    """Maps the `authorization: Bearer <token>` metadata of a call to a caller name.
+
+    `generation` counts the reloads that changed the tokens (0: as first read)."""
+
+    def __init__(
+        self, tokens: Mapping[str, str] | None, sources: TokenSources | None = None
+    ) -> None:
+        """`tokens` maps token -> caller; None disables auth (everyone is ANONYMOUS).
+        `sources`, where `tokens` were read from, are what `reload()` reads again."""
         self._tokens = dict(tokens) if tokens is not None else None
+        self._sources = sources
+        self.generation = 0
+        self._log = structlog.get_logger("sinkserve.gateway")
 
     @property
     def enabled(self) -> bool:
@@ -54,25 +113,47 @@ class Authenticator:
     def from_sources(
         cls, *, disabled: bool, tokens_file: str, tokens_env: str, environ: Mapping[str, str]
     ) -> Authenticator:
+        """Auth over the tokens of the file and the variable; ConfigError (or OSError)
+        when they are malformed or hold none, unless auth is `disabled`."""
         if disabled:
             return cls(None)
-        tokens: dict[str, str] = {}
-        if tokens_file:
-            tokens |= parse_tokens(Path(tokens_file).read_text(), source=tokens_file)
-        if tokens_env and environ.get(tokens_env):
-            tokens |= parse_tokens(environ[tokens_env], source=f"${tokens_env}", separator=",")
-        if not tokens:
-            raise ConfigError(
-                f"no API tokens: set --tokens-file or ${tokens_env} "
-                "(or pass --no-auth for local use only)"
-            )
-        return cls(tokens)
+        sources = TokenSources(tokens_file, tokens_env, environ)
+        return cls(sources.read(), sources)
 
     @classmethod
     def from_environ(cls, *, disabled: bool, tokens_file: str, tokens_env: str) -> Authenticator:
         return cls.from_sources(
             disabled=disabled, tokens_file=tokens_file, tokens_env=tokens_env, environ=os.environ
         )
+
+    def file_changed(self) -> bool:
+        """Whether the tokens file changed since it was last read (cheap: one stat)."""
+        return self.enabled and self._sources is not None and self._sources.changed()
+
+    def reload(self) -> ReloadResult:
+        """Read the token sources again. Calls that start afterwards are checked against
+        the new tokens (a removed token is refused; streams already open go on). A source
+        that is malformed, unreadable or empty keeps the previous tokens, logged as an
+        error: a half-written file must not lock every caller out."""
+        if self._tokens is None or self._sources is None:
+            return "unchanged"  # auth is off, or the tokens were given, not read
+        try:
+            tokens = self._sources.read()
+        except (ConfigError, OSError) as err:
+            self._log.error(
+                "tokens reload failed; the previous tokens stay",
+                error=str(err),
+                generation=self.generation,
+            )
+            return "failed"
+        if tokens == self._tokens:
+            return "unchanged"
+        self._tokens = tokens
+        self.generation += 1
+        self._log.info(
+            "tokens reloaded", generation=self.generation, callers=len(set(tokens.values()))
+        )
+        return "changed"
 
     def caller(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
         """The caller named by the call's token, ANONYMOUS when auth is off, else None."""

@@ -21,6 +21,17 @@ _FLAG_HELP = {
     "metrics_port": "Prometheus port (-1 = off, 0 = any free port)",
     "tokens_file": "file of 'caller:token' lines",
     "tokens_env": "env var holding 'caller:token,caller:token'",
+    "tls_cert_file": "PEM certificate chain of the gateway (with --tls-key: TLS on)",
+    "tls_key_file": "PEM private key of --tls-cert",
+    "tls_client_ca_file": "PEM CA bundle: clients must present a certificate it signed",
+    "insecure_plaintext": "plaintext on a non-loopback --host: only behind a "
+    "TLS-terminating proxy or mesh that alone can reach this port",
+}
+# Flags named other than their field (the short names the docs use).
+_FLAG_NAMES = {
+    "tls_cert_file": "tls-cert",
+    "tls_key_file": "tls-key",
+    "tls_client_ca_file": "tls-client-ca",
 }
 
 
@@ -34,12 +45,18 @@ def add_gateway_parser(subparsers: Any) -> argparse.ArgumentParser:
         if f.name == "auth_disabled":
             continue
         value = getattr(defaults, f.name)
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            type=type(value),
-            default=value,
-            help=f"{_FLAG_HELP.get(f.name, f.name.replace('_', ' '))} (default {value!r})",
-        )
+        flag = "--" + _FLAG_NAMES.get(f.name, f.name.replace("_", "-"))
+        help_text = _FLAG_HELP.get(f.name, f.name.replace("_", " "))
+        if isinstance(value, bool):  # every bool field is off by default: a switch
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=type(value),
+                default=value,
+                help=f"{help_text} (default {value!r})",
+            )
     parser.add_argument(
         "--no-auth",
         action="store_true",

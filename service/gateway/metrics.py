@@ -54,6 +54,13 @@ class GatewayMetrics:
         self.backend_ready = Gauge(
             "sinkserve_gateway_backend_ready", "1 while Triton and the model are ready", registry=r
         )
+        self.token_reloads = Counter(
+            "sinkserve_gateway_token_reloads",
+            "Re-reads of the API tokens (SIGHUP, a changed tokens file), by result: changed, "
+            "unchanged, failed (the previous tokens stay)",
+            ["result"],
+            registry=r,
+        )
 
     def serve(
         self, host: str, port: int, ready: Callable[[], bool]

@@ -1,4 +1,5 @@
-"""The gateway process: gRPC server, health, reflection, metrics, background upkeep, shutdown."""
+"""The gateway process: gRPC server (TLS or loopback plaintext), health, reflection,
+metrics, background upkeep (backend health, token reloads), shutdown."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import signal
 from collections.abc import Awaitable
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import structlog
@@ -28,6 +30,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig, auth: Authenticator) -> None:
         self.config = config
+        self.auth = auth
         self.metrics = GatewayMetrics()
         self.backend = TritonBackend(
             config.triton_url, config.model, probe_timeout_s=config.probe_timeout_s
@@ -51,7 +54,11 @@ class Gateway:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls:
+            self.port = self._server.add_secure_port(address, _server_credentials(self.config))
+        else:  # loopback, or insecure_plaintext behind a TLS proxy (GatewayConfig checks)
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
         await self._set_serving(False)
@@ -60,10 +67,15 @@ class Gateway:
             self._metrics_server, self.metrics_port = self.metrics.serve(
                 self.config.host, self.config.metrics_port, lambda: self.serving
             )
-        self._tasks = [asyncio.create_task(self._watch_backend())]
+        self._tasks = [
+            asyncio.create_task(self._watch_backend()),
+            asyncio.create_task(self._watch_tokens()),
+        ]
         self._log.info(
             "gateway listening",
             address=f"{self.config.host}:{self.port}",
+            tls=self.config.tls,
+            client_certificates=bool(self.config.tls_client_ca_file),
             triton=self.config.triton_url,
             metrics_port=self.metrics_port,
         )
@@ -97,13 +109,20 @@ class Gateway:
             self._log.warning("gateway stop step overran; going on", step=step, limit_s=limit_s)
 
     async def run_until_signal(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads the tokens."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
         await stop.wait()
         await self.stop()
+
+    def reload_tokens(self) -> None:
+        """Read the API tokens again (SIGHUP, a changed tokens file). Calls that start
+        afterwards use the new tokens; streams already open go on; a bad file keeps the
+        old tokens (see Authenticator.reload)."""
+        self.metrics.token_reloads.labels(result=self.auth.reload()).inc()
 
     async def _set_serving(self, ok: bool) -> None:
         self.serving = ok
@@ -135,6 +154,25 @@ class Gateway:
             if why is not None:
                 self.servicer.backend_lost(why)
             await asyncio.sleep(self.config.health_interval_s)
+
+    async def _watch_tokens(self) -> None:
+        """Reload the tokens when their file changes (a rotated Kubernetes Secret reaches
+        the mounted file within about a minute), checked every health_interval_s."""
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            if self.auth.file_changed():
+                self.reload_tokens()
+
+
+def _server_credentials(config: GatewayConfig) -> grpc.ServerCredentials:
+    """The gateway's certificate and key; with a client CA, clients must present a
+    certificate it signed (the handshake fails otherwise, before any call)."""
+    ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def _server_options(config: GatewayConfig) -> list[tuple[str, int]]:

@@ -39,7 +39,17 @@ def add_triton_parser(
         action="append",
         help=f"model to load (default {DEFAULT_MODEL}; repeatable)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address for gRPC, HTTP and metrics")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the gRPC and HTTP APIs (no authentication, model control: keep "
+        "it loopback, where only the gateway beside Triton reaches it)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the Prometheus metrics (read-only; 0.0.0.0 for a scraper elsewhere)",
+    )
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -74,6 +84,7 @@ def main_triton(args: argparse.Namespace) -> int:
         model_repository=args.model_repository,
         models=args.models or (DEFAULT_MODEL,),
         host=args.host,
+        metrics_host=args.metrics_host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,

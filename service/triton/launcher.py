@@ -155,9 +155,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class TritonServer:
-    """A tritonserver child process on `host`, serving `models` in explicit control mode.
+    """A tritonserver child process serving `models` in explicit control mode.
 
-    Ports left at 0 are picked free. Use as a context manager, or call `start()`/`stop()`.
+    Its gRPC and HTTP APIs listen on `host`, its metrics on `metrics_host`: both loopback
+    by default. Keep the APIs there: they have no authentication and load and unload
+    models; only the gateway beside them should reach them. Ports left at 0 are picked
+    free. Use as a context manager, or call `start()`/`stop()`.
     `handoff_dir` (default: a fresh temporary directory) is where model instances hand
     their sessions to their successors on reload; it lives as long as this object.
     """
@@ -165,6 +168,7 @@ class TritonServer:
     model_repository: Path = field(default_factory=default_model_repository)
     models: Sequence[str] = (DEFAULT_MODEL,)
     host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"  # read-only metrics: 0.0.0.0 for a Prometheus outside
     grpc_port: int = 0
     http_port: int = 0
     metrics_port: int = 0
@@ -191,7 +195,7 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
+        return f"http://{self.metrics_host}:{self.metrics_port}/metrics"
 
     def command(self, install: Installation) -> list[str]:
         args = [
@@ -204,7 +208,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--http-address={self.host}",
             f"--http-port={self.http_port}",
-            f"--metrics-address={self.host}",
+            f"--metrics-address={self.metrics_host}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
@@ -217,7 +221,7 @@ class TritonServer:
         install = find_installation(self.server)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.http_port = self.http_port or free_port(self.host)
-        self.metrics_port = self.metrics_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.metrics_host)
         if self.handoff_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sinkserve-handoff-")
             self.handoff_dir = Path(self._tmp.name)

@@ -9,11 +9,14 @@ checked by the real `haproxy -c`, and Redis runs with the StatefulSet's own comm
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 from argparse import Namespace
@@ -31,7 +34,9 @@ from tritonclient.grpc import model_config_pb2
 from service.cli import build_parser
 from service.engine.store import RedisStore, open_store
 from service.gateway.auth import parse_tokens
+from service.gateway.cli import config_from_args
 from service.gateway.config import GatewayConfig
+from service.serve import gateway_config, triton_server
 from service.triton.launcher import REPLICA_ENV, STORE_ENV, free_port
 from service.triton.metrics import GAUGES
 from service.triton.settings import ModelSettings, parse_parameters
@@ -339,7 +344,13 @@ def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects)
     triton = container_args(objects, "triton")
     gateway = container_args(objects, "gateway")
     assert (triton.command, gateway.command) == ("triton", "gateway")
-    assert triton.host == gateway.host == "0.0.0.0"
+    # Triton's APIs (no authentication, model control) on the pod's loopback; its
+    # read-only metrics and the gateway on every address.
+    assert (triton.host, triton.metrics_host) == ("127.0.0.1", "0.0.0.0")
+    assert gateway.host == "0.0.0.0"
+    # Plaintext beyond loopback only because the manifest asks for it (the proxy speaks
+    # h2c to the gateways); GatewayConfig refuses it otherwise.
+    assert gateway.insecure_plaintext and not config_from_args(gateway).tls
     assert triton.models is None, "the default model, `sinkserve`"
 
 
@@ -349,6 +360,10 @@ def test_the_dockerfiles_run_sinkserve_with_a_command_the_cli_accepts(variant) -
     args = cli(cmd)
     assert args.command == "serve"
     assert copies[str(args.model_repository)] == "triton_model_repo"
+    # The gateway on every address of the container, plaintext asked for explicitly (a
+    # ConfigError otherwise); Triton's APIs on the container's loopback.
+    assert gateway_config(args).host == "0.0.0.0" and args.insecure_plaintext
+    assert triton_server(args).host == "127.0.0.1"
 
 
 def test_the_images_pin_the_torch_and_model_packages_the_makefile_pins(variant) -> None:
@@ -410,11 +425,8 @@ def test_the_engine_uses_as_many_threads_as_the_triton_container_may(objects, va
 
 def test_container_ports_are_the_ports_the_flags_open(objects) -> None:
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
-    assert ports(container(objects, "triton")) == {
-        "triton-http": triton.http_port,
-        "triton-grpc": triton.grpc_port,
-        "triton-metrics": triton.metrics_port,
-    }
+    # Triton's APIs listen on the pod's loopback: not container ports.
+    assert ports(container(objects, "triton")) == {"triton-metrics": triton.metrics_port}
     assert ports(container(objects, "gateway")) == {
         "grpc": gateway.port,
         "metrics": gateway.metrics_port,
@@ -483,7 +495,8 @@ def test_the_metrics_service_targets_the_gateway_and_the_engine_but_not_tritons_
         "triton-metrics": (by_name["triton-metrics"], by_name["triton-metrics"]),
     }
     # Triton's HTTP and gRPC APIs (load/unload, no authentication) are in no Service.
-    apis = {by_name["triton-http"], by_name["triton-grpc"]}
+    triton = container_args(objects, "triton")
+    apis = {triton.http_port, triton.grpc_port}
     for service in of_kind(objects, "Service"):
         name = service["metadata"]["name"]
         if "Deployment/sinkserve" in selected_workloads(objects, name):
@@ -501,13 +514,14 @@ def test_only_the_proxy_reaches_the_gateways_and_only_sinkserve_pods_reach_redis
     )
     labels = {k: pod_labels(objects, k) for k in (server, proxy, store)}
     named = pod_ports(objects, server)
+    triton = container_args(objects, "triton")
     # The gateways: the proxy only; metrics: anyone (Prometheus); Triton's APIs: no one.
     assert admits(objects, server, named["grpc"], labels[proxy])
     for other in (STRANGER, labels[store]):
         assert not admits(objects, server, named["grpc"], other)
     for port in (named["metrics"], named["triton-metrics"]):
         assert admits(objects, server, port, STRANGER)
-    for port in (named["triton-http"], named["triton-grpc"]):
+    for port in (triton.http_port, triton.grpc_port):
         for other in (STRANGER, labels[proxy]):
             assert not admits(objects, server, port, other)
     # Redis: the sinkserve pods only.
@@ -521,20 +535,73 @@ def test_only_the_proxy_reaches_the_gateways_and_only_sinkserve_pods_reach_redis
     assert not admits(objects, proxy, proxy_ports["health"], STRANGER)
 
 
+PROBE_URL = re.compile(r"'(http://[^']+)'")
+
+
 def test_probes_ask_the_ports_that_answer_them(objects) -> None:
     triton_c, gateway_c = container(objects, "triton"), container(objects, "gateway")
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
     assert gateway_c["readinessProbe"]["grpc"]["port"] == gateway.port
     assert gateway_c["livenessProbe"]["tcpSocket"]["port"] == gateway.port
-    http = {
-        kind: (triton_c[kind]["httpGet"]["path"], triton_c[kind]["httpGet"]["port"])
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+    # Triton's HTTP API is on the pod's loopback, out of reach of an httpGet probe (the
+    # kubelet dials the pod's IP): the probes run in the container and ask loopback.
+    urls = {}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = triton_c[kind]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"], kind
+        urls[kind] = urllib.parse.urlsplit(PROBE_URL.search(command[2]).group(1))  # type: ignore[union-attr]
+        assert triton_c[kind]["timeoutSeconds"] >= 5, "time for the interpreter to start"
+    assert {k: (u.hostname, u.port, u.path) for k, u in urls.items()} == {
+        "startupProbe": (triton.host, triton.http_port, "/v2/health/live"),
+        "readinessProbe": (triton.host, triton.http_port, "/v2/health/ready"),
+        "livenessProbe": (triton.host, triton.http_port, "/v2/health/live"),
     }
-    assert http == {
-        "startupProbe": ("/v2/health/live", triton.http_port),
-        "readinessProbe": ("/v2/health/ready", triton.http_port),
-        "livenessProbe": ("/v2/health/live", triton.http_port),
-    }
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """Triton's health endpoints as a probe sees them: 200 while the server's `ready`
+    is set, else 503."""
+
+    server: _HealthServer
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.server.ready.is_set() else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _HealthServer(http.server.ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Health)
+        self.ready = threading.Event()
+
+
+def test_the_triton_probe_commands_pass_on_200_and_fail_on_an_error_or_no_answer(
+    objects,
+) -> None:
+    """The readiness probe's own command, run here against a stand-in for Triton."""
+    *head, code = container(objects, "triton")["readinessProbe"]["exec"]["command"]
+    triton = container_args(objects, "triton")
+    server = _HealthServer()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def probe() -> int:
+        local = code.replace(f":{triton.http_port}/", f":{server.server_port}/")
+        assert local != code
+        args = [sys.executable, *head[1:], local]
+        return subprocess.run(args, capture_output=True, timeout=30).returncode
+
+    try:
+        assert probe() != 0, "not ready: 503"
+        server.ready.set()
+        assert probe() == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert probe() != 0, "nothing listens any more"
 
 
 def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(objects) -> None:

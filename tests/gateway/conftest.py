@@ -76,10 +76,11 @@ async def served(make_gateway: GatewayFactory, triton_url: str, **config: object
 
 @pytest.fixture
 async def make_gateway() -> AsyncIterator[GatewayFactory]:
-    """Start gateways on free loopback ports: `await make_gateway(triton_url=..., **config)`."""
+    """Start gateways on free loopback ports: `await make_gateway(triton_url=..., **config)`;
+    `auth` replaces the authenticator of TOKENS."""
     started: list[Gateway] = []
 
-    async def make(**overrides: Any) -> Gateway:
+    async def make(auth: Authenticator | None = None, **overrides: Any) -> Gateway:
         settings: dict[str, Any] = {
             "port": 0,
             "metrics_port": 0,
@@ -89,7 +90,7 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
             "triton_url": f"127.0.0.1:{free_port()}",  # nothing listens there
         }
         settings.update(overrides)
-        gateway = Gateway(GatewayConfig(**settings), Authenticator(TOKENS))
+        gateway = Gateway(GatewayConfig(**settings), auth or Authenticator(TOKENS))
         await gateway.start()
         started.append(gateway)
         return gateway
