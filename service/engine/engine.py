@@ -230,10 +230,13 @@ class Engine:
         sid = session_id or secrets.token_urlsafe(16)
         quota = self.config.max_sessions_per_owner
         with self._open_lock:  # count and insert as one: opens run on several threads
-            if len(self._owned_ids(owner)) >= quota:
+            owned = self._owned(owner)
+            if len(owned) >= quota:
+                # Unless one is ended first, the least recently used one expires then.
+                wait = min(owned.values()) + self.config.session_ttl_s - self._clock()
                 raise ResourceExhausted(
                     f"owner {owner!r} already has {quota} sessions (the per-owner limit); "
-                    "end one first"
+                    f"end one first (retry after {max(wait, 1.0):.0f} s)"
                 )
             with self._lock:
                 if sid in self._sessions:
@@ -270,12 +273,14 @@ class Engine:
             self.runner.clear(slot)
         self.log.info("session left memory", session_id=s.session_id)
 
-    def _owned_ids(self, owner: str) -> set[str]:
+    def _owned(self, owner: str) -> dict[str, float]:
+        """The owner's sessions, in memory or stored: id -> last active (unix seconds)."""
         with self._lock:
-            ids = {s.session_id for s in self._sessions.values() if s.owner == owner}
+            owned = {s.session_id: s.last_used for s in self._sessions.values() if s.owner == owner}
         if self._writer is not None:
-            ids |= {r.session_id for r in self._stored(self._writer.owned_by, owner)}
-        return ids
+            for r in self._stored(self._writer.owned_by, owner):
+                owned.setdefault(r.session_id, r.last_active)
+        return owned
 
     def _stored(self, call: Callable[..., T], *args: Any) -> T:
         """`call(*args)` on the store, its failure as the engine's UNAVAILABLE error."""

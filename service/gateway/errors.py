@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 # Triton's own messages for a model that is not loaded (or being reloaded), or whose
@@ -14,14 +16,20 @@ _MODEL_MISSING_HINTS = (
     "is not healthy",
 )
 
+# How the model states when a refused request may succeed ("... (retry after 12.5 s)").
+_RETRY_HINT = re.compile(r"\(retry after ([0-9]+(?:\.[0-9]+)?) s\)$")
+
 
 class GatewayError(Exception):
     """Ends the call with `code` and `message` (the servicer turns it into a gRPC status)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # sent as `retry-after-ms` trailing metadata
 
     def __repr__(self) -> str:
         return f"GatewayError({self.code.name}, {self.message!r})"
@@ -36,7 +44,9 @@ def from_triton_message(message: str) -> GatewayError:
     head, sep, rest = message.partition(":")
     code = grpc.StatusCode.__members__.get(head.strip()) if sep else None
     if code is not None and code is not grpc.StatusCode.OK:
-        return GatewayError(code, rest.strip() or message)
+        text = rest.strip() or message
+        hint = _RETRY_HINT.search(text)
+        return GatewayError(code, text, retry_after_s=float(hint[1]) if hint else None)
     if any(hint in message for hint in _MODEL_MISSING_HINTS):
         return GatewayError(grpc.StatusCode.UNAVAILABLE, f"model unavailable: {message}")
     return GatewayError(grpc.StatusCode.INTERNAL, f"backend error: {message}")
