@@ -90,7 +90,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ChatRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        caller = self._caller(context)
+        caller = await self._caller(context)
         log = self._log.bind(rpc="Chat", request_id=secrets.token_hex(8), caller=caller)
         stream = ChatStream(self._deps, context, log, _deadline(context))
         reader = asyncio.create_task(read_requests(request_iterator, stream.inbox))
@@ -226,7 +226,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     # -- helpers ----------------------------------------------------------------------------
 
     async def _unary(self, rpc: str, context: grpc.aio.ServicerContext, run: Any) -> Any:
-        caller = self._caller(context)
+        caller = await self._caller(context)
         log = self._log.bind(rpc=rpc, request_id=secrets.token_hex(8), caller=caller)
         try:
             return await run(caller)
@@ -255,9 +255,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 f"{self._config.max_turn_chars}",
             )
 
-    def _caller(self, context: grpc.aio.ServicerContext) -> str:
-        # The interceptor already rejected calls without a valid token.
-        return self._auth.caller(context.invocation_metadata()) or ""
+    async def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """The call's caller. The interceptor checked the token, but a reload of the
+        tokens may have revoked it since: then the call ends UNAUTHENTICATED here."""
+        caller = self._auth.caller(context.invocation_metadata())
+        if caller is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the bearer token was revoked")
+        return caller or ""
 
     def _describe(self, info: Mapping[str, Any]) -> pb.Session:
         sinks, window = self.cache_shape
