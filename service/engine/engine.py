@@ -54,7 +54,6 @@ from service.engine.types import (
     Event,
     FinishReason,
     InvalidRequest,
-    PermissionDenied,
     ResourceExhausted,
     SamplingParams,
     SessionBusy,
@@ -290,8 +289,9 @@ class Engine:
             raise StoreUnreachable(f"the session store is unreachable: {exc}") from None
 
     def _session(self, session_id: str, owner: str | None) -> Session:
-        """The session, from memory or rebuilt from its record; NOT_FOUND, or
-        PERMISSION_DENIED when `owner` is given and is not its owner."""
+        """The session, from memory or rebuilt from its record; NOT_FOUND when unknown,
+        and (in the same words) when `owner` is given and is not its owner: a caller
+        learns nothing about the sessions of another."""
         if not session_id:
             raise InvalidRequest("session_id is empty")
         with self._lock:
@@ -299,13 +299,13 @@ class Engine:
         if s is None:
             s = self._load(session_id)
         if owner is not None and s.owner != owner:
-            raise PermissionDenied(f"session {session_id!r} belongs to another caller")
+            raise _unknown(session_id)
         return s
 
     def _load(self, session_id: str) -> Session:
         """Bring a session back from its record: it is rebuilt from its tokens (at most
         sinks + window) on its next turn. Store I/O happens outside the lock."""
-        unknown = UnknownSession(f"no session {session_id!r} (ended or expired?)")
+        unknown = _unknown(session_id)
         if self._writer is None:
             raise unknown
         record: SessionRecord | None = self._stored(self._writer.get, session_id)
@@ -396,7 +396,7 @@ class Engine:
                 with self._lock:
                     if self._sessions.get(sid) is s and s.turn is None:
                         self._forget(s)
-                raise UnknownSession(f"no session {sid!r} (ended or expired?)")
+                raise _unknown(sid)
             if stored is not None and self._leased_elsewhere(stored, now):
                 renewed = waited_on is not None and stored.version != waited_on.version
                 if renewed or time.monotonic() > deadline:
@@ -926,3 +926,7 @@ class Engine:
 
 
 __all__ = ["Engine", "EngineError", "SessionSnapshot"]
+
+
+def _unknown(session_id: str) -> UnknownSession:
+    return UnknownSession(f"no session {session_id!r} (ended or expired?)")

@@ -22,12 +22,6 @@ class UnknownSession(EngineError):
     code = "NOT_FOUND"
 
 
-class PermissionDenied(EngineError):
-    """The session belongs to another owner."""
-
-    code = "PERMISSION_DENIED"
-
-
 class SessionBusy(EngineError):
     """A turn was submitted while the session's previous turn is still running."""
 

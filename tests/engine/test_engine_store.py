@@ -11,7 +11,6 @@ import pytest
 from service.engine.store import RedisStore, SQLiteStore
 from service.engine.types import (
     FinishReason,
-    PermissionDenied,
     SamplingParams,
     StoreUnreachable,
     TokenEvent,
@@ -112,9 +111,9 @@ def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make, tmp_pat
     b = make(SQLiteStore(tmp_path / "s.db"))
     listed = b.list_sessions("alice")
     assert [i.session_id for i in listed] == mine and {i.state for i in listed} == {"stored"}
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(UnknownSession, match="no session"):
         b.get_session(mine[0], owner="bob")
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(UnknownSession, match="no session"):
         turn(b, mine[0], [5], owner="bob")
     assert b.get_session(mine[0], owner="alice").owner == "alice"
 

@@ -135,7 +135,7 @@ async def test_a_killed_gateway_is_replaced_and_its_sessions_resume_with_their_o
         async with ChatClient(target, "bob-token") as bob:
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await bob.get_session(sid)
-            assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert denied.value.code() is grpc.StatusCode.NOT_FOUND
     finally:
         second.stop()
 

@@ -310,8 +310,9 @@ async def test_another_callers_session_is_permission_denied(
             bob.delete_session(sid),
         ):
             code, details = await code_of(call)
-            assert code is grpc.StatusCode.PERMISSION_DENIED
-            assert "another caller" in details
+            # Exactly what an id nobody holds gets: bob learns nothing of alice's session.
+            assert code is grpc.StatusCode.NOT_FOUND
+            assert details == f"no session {sid!r} (ended or expired?)"
         assert sid not in {s.session_id for s in await bob.list_sessions()}
         # Bob's attempts left it alone: alice still has it, and can use it.
         async with alice.conversation(sid, defaults=SHORT) as chat:
@@ -440,7 +441,7 @@ async def test_a_session_survives_a_gateway_restart(
             _, after = await chat.turn("Which number?")
             assert after.usage.cache_position > before.usage.cache_position
         code, _ = await code_of(bob.conversation(sid).open())
-        assert code is grpc.StatusCode.PERMISSION_DENIED
+        assert code is grpc.StatusCode.NOT_FOUND
         await alice.delete_session(sid)
 
 

@@ -115,7 +115,7 @@ async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(clie
         ),
         ({"session_id": "bad", "text": "Hi", "max_tokens": 0}, "INVALID_ARGUMENT: max_new_tokens"),
         ({"session_id": "bad", "text": "Hi", "top_p": 2.0}, "INVALID_ARGUMENT: top_p"),
-        ({"session_id": "bad", "text": "Hi", "owner": "mallory"}, "PERMISSION_DENIED"),
+        ({"session_id": "bad", "text": "Hi", "owner": "mallory"}, "NOT_FOUND"),
         ({"session_id": "bad", "text": "Hi", "request_type": "fly"}, "INVALID_ARGUMENT: request"),
     ]
     for inputs, expected in cases:

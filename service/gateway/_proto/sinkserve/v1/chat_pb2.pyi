@@ -6,9 +6,10 @@ sinkserve public API, version 1.
 One bidirectional stream carries one conversation: the first request opens a new
 session or resumes an existing one; each later request is a user turn or a control.
 The server answers with SessionOpened once, then for each turn a run of TokenDelta
-messages closed by exactly one TurnEnd. Failures end the stream with a gRPC status
-(INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE,
-DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED, PERMISSION_DENIED); the session itself
+messages closed by exactly one TurnEnd. Turns written while one runs wait in order
+(a few per stream). Failures end the stream with a gRPC status (INVALID_ARGUMENT,
+NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED with a `retry-after-ms` trailer,
+UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNAUTHENTICATED); the session itself
 survives and can be resumed on a new stream.
 
 The server keeps a bounded StreamingLLM cache per session: `sinks` attention-sink
