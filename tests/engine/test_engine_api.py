@@ -136,11 +136,11 @@ def test_bad_requests_raise_clear_errors(make):
 def test_a_turn_or_system_prompt_longer_than_the_window_is_refused_before_any_work(make):
     engine = make(sinks=2, window=8, max_prompt_tokens=0)  # 0: the window
     sid = engine.open_session()
-    with pytest.raises(InvalidRequest, match="9 tokens .* the limit is 8 tokens"):
+    with pytest.raises(InvalidRequest, match=r"9 tokens .* the limit is 8 tokens"):
         engine.submit(sid, [4] * 9, SamplingParams(), lambda e: None)
     assert engine.get_session(sid).turns == 0 and engine.stats().turns_running == 0
     assert ids(collect(engine, sid, [4] * 8, max_new_tokens=2, ignore_eos=True))
-    with pytest.raises(InvalidRequest, match="system prompt is .* the limit is 8"):
+    with pytest.raises(InvalidRequest, match=r"system prompt is .* the limit is 8"):
         engine.open_session(system="a long system prompt " * 8)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ log = structlog.get_logger("sinkserve.triton")
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        _utf8_stdio()
         config = json.loads(args["model_config"])
         name = args["model_name"]
         self.settings = parse_parameters(config.get("parameters", {}), name)
@@ -183,6 +185,17 @@ class TritonPythonModel:
         snapshots = self.engine.export_sessions()
         self.handoff.leave(self.fingerprint, snapshots)
         log.info("model finalized", sessions=len(snapshots), generation=self.handoff.generation)
+
+
+def _utf8_stdio() -> None:
+    """Log lines may hold any text (rich tracebacks draw boxes, messages quote user input),
+    but the Python-backend stub's interpreter writes stdout and stderr as ASCII. A log call
+    must never raise: `log.exception` in the engine's step loop raising UnicodeEncodeError
+    killed the loop thread, and every turn then hung while the model still answered pings."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(encoding="utf-8", errors="backslashreplace")
 
 
 def _exit_when_orphaned(parent: int) -> None:
