@@ -294,7 +294,7 @@ async def test_listing_pages_through_the_callers_sessions(
             await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=ALICE)
 
 
-async def test_another_callers_session_is_permission_denied(
+async def test_another_callers_session_is_not_found_exactly_like_an_unknown_one(
     make_gateway: GatewayFactory, triton_url: str
 ) -> None:
     gw = await served(make_gateway, triton_url)
