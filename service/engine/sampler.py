@@ -28,9 +28,13 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int], p: fl
     logits[ids] = torch.where(seen > 0, seen / p, seen * p)
 
 
+# Inference mode: the runners make `logits` inside it (inference tensors), and the
+# repetition penalty updates them in place, which torch refuses outside it.
+@torch.inference_mode()
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
-    """Pick one token per row of float32 logits [n, vocab]. Greedy rows share one argmax;
-    only stochastic rows pay for softmax and filtering."""
+    """Pick one token per row of float32 logits [n, vocab] (updated in place by the
+    repetition penalty). Greedy rows share one argmax; only stochastic rows pay for
+    softmax and filtering."""
     for i, row in enumerate(rows):
         if row.params.repetition_penalty != 1.0 and row.history:
             apply_repetition_penalty(logits[i], row.history, row.params.repetition_penalty)
