@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -67,12 +68,23 @@ TurnEvent = Delta | Final
 
 
 class TritonBackend:
-    """A Triton server holding the model. Failures surface as GatewayError."""
+    """A Triton server holding the model. Failures surface as GatewayError.
 
-    def __init__(self, url: str, model: str, *, probe_timeout_s: float = 2.0) -> None:
+    `busy_wait_s`: how long a turn the model refuses because its session still has a turn
+    running (FAILED_PRECONDITION, before anything was generated) is sent again. A turn
+    the gateway cut (CancelTurn before the model had the turn, or a stream that went away)
+    ends on the model only once its cancel watcher sees the cut stream: up to 0.25 s and
+    one engine step later (seconds on a loaded CPU). A next turn sent meanwhile must wait
+    for that, not fail; a turn that meets a turn of another stream of the session still
+    gets FAILED_PRECONDITION, after this long."""
+
+    def __init__(
+        self, url: str, model: str, *, probe_timeout_s: float = 2.0, busy_wait_s: float = 5.0
+    ) -> None:
         self.url = url
         self.model = model
         self._probe_timeout_s = probe_timeout_s
+        self._busy_wait_s = busy_wait_s
         self._client = triton.InferenceServerClient(url)
 
     async def close(self) -> None:
@@ -133,7 +145,9 @@ class TritonBackend:
         """Run one turn: Delta events, then exactly one Final; GatewayError on failure.
 
         Closing the iterator early (or cancelling the task consuming it) cancels the Triton
-        stream, which cancels the request on the model.
+        stream, which cancels the request on the model. A refusal because the session is
+        busy is retried for up to `busy_wait_s` (within `timeout_s`): the model refused the
+        turn before running any of it, so sending it again repeats nothing.
         """
         inputs = [
             _string("text_input", req.text),
@@ -144,16 +158,34 @@ class TritonBackend:
         ]
         if req.raw:
             inputs.append(_tensor("raw_prompt", "BOOL", np.array([True])))
-        async for result in self._responses(inputs, timeout_s, final="finish_reason"):
-            delta, final = _read(result)
-            if delta is not None:
-                yield delta
-            if final is not None:
-                yield final
-                return
-        raise GatewayError(
-            grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the turn ended"
+        now = time.monotonic()
+        deadline = None if timeout_s is None else now + timeout_s
+        give_up = (
+            now + self._busy_wait_s if deadline is None else min(now + self._busy_wait_s, deadline)
         )
+        pause = 0.02
+        while True:
+            answered = False  # a response came: the model took the turn, no retry after that
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                async for result in self._responses(inputs, left, final="finish_reason"):
+                    answered = True
+                    delta, final = _read(result)
+                    if delta is not None:
+                        yield delta
+                    if final is not None:
+                        yield final
+                        return
+            except GatewayError as err:
+                busy = err.code is grpc.StatusCode.FAILED_PRECONDITION and not answered
+                if not busy or time.monotonic() + pause > give_up:
+                    raise
+            else:
+                raise GatewayError(
+                    grpc.StatusCode.UNAVAILABLE, "Triton closed the stream before the turn ended"
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.25)
 
     async def _responses(
         self, inputs: list[InferInput], timeout_s: float | None, final: str
@@ -172,9 +204,10 @@ class TritonBackend:
             # Keep the stream open until the final response; ending it half-closes.
             await done.wait()
 
-        responses = self._client.stream_infer(requests(), stream_timeout=timeout_s)
+        responses: Any = None
         finished = False
         try:
+            responses = self._client.stream_infer(requests(), stream_timeout=timeout_s)
             async for result, error in responses:
                 if error is not None:
                     finished = True  # an error response is the request's last
@@ -185,9 +218,13 @@ class TritonBackend:
                     return
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        except grpc.aio.UsageError as err:  # the channel is closed: the gateway is stopping
+            raise GatewayError(
+                grpc.StatusCode.UNAVAILABLE, f"Triton channel closed: {err}"
+            ) from None
         finally:
             done.set()
-            if not finished:
+            if not finished and responses is not None:
                 responses.cancel()
 
 
