@@ -904,7 +904,10 @@ class Engine:
             cached_tokens=s.cached_tokens,
             evicted_tokens=s.evicted_tokens,
         )
-        tail = turn.state.stops.flush() if flush else ""
+        tail = ""
+        if flush:  # the bytes of a character the turn ended inside, as U+FFFD
+            held, _ = turn.state.stops.push(turn.state.decoder.flush())
+            tail = held + turn.state.stops.flush()
         s.lease_until, s.claimed = 0.0, None
         if turn.state.end_session:
             self._drop(s)

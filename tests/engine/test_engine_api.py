@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 
 import pytest
+import torch
 
 from service.engine.types import (
     FinishReason,
@@ -228,3 +230,29 @@ def test_a_session_rebuilt_from_its_tokens_keeps_its_position(make):
     assert end.finish_reason is FinishReason.LENGTH
     assert end.usage.position == snap[0].position + 3 + 2
     assert end.usage.cached_tokens == 18
+
+
+def test_a_turn_that_ends_inside_a_character_ends_with_its_replacement_character(tokenizer, model):
+    # A token that is the first bytes of a multi-byte character: alone it decodes to "".
+    partial = next(
+        i
+        for i, b in enumerate(tokenizer.token_bytes)
+        if b and codecs.getincrementaldecoder("utf-8")(errors="replace").decode(b) == ""
+    )
+    rec = RecordingEngine(tokenizer, model[1], model[0])
+
+    def only_partial(rows, logits):  # the model can say nothing else
+        with torch.inference_mode():  # the runner's logits are inference tensors
+            logits.fill_(-1e4)
+            logits[:, partial] = 0.0
+
+    rec.runner.logits_hook = only_partial
+    rec.engine.start()
+    try:
+        sid = rec.engine.open_session()
+        events = collect(rec.engine, sid, [5, 6, 7], max_new_tokens=1, ignore_eos=True)
+    finally:
+        rec.engine.shutdown()
+    assert ids(events) == [partial]
+    streamed = "".join(e.text for e in events if isinstance(e, TokenEvent)) + events[-1].text
+    assert streamed == tokenizer.decode([partial]) == "\ufffd"
