@@ -323,10 +323,15 @@ class ChatStream:
         if answer.get("cancelled") or finished or self.turn is not turn:
             return None
         await self.cut_turn()
-        end = pb.TurnEnd(
-            finish_reason=pb.FINISH_REASON_CANCELLED,
-            usage=pb.Usage(generated_tokens=turn.tokens),
+        # The session as the model has it (the turn fed nothing there).
+        info = await self._deps.backend.call("get", self.opened.session_id, self.opened.caller)
+        usage = pb.Usage(
+            generated_tokens=turn.tokens,
+            cache_position=info["position"],
+            cached_tokens=info["cached_tokens"],
+            evicted_tokens=info["evicted_tokens"],
         )
+        end = pb.TurnEnd(finish_reason=pb.FINISH_REASON_CANCELLED, usage=usage)
         return pb.ChatResponse(turn_end=end)
 
     async def cut_turn(self) -> None:
