@@ -205,7 +205,7 @@ def cancelled_turn_problems(
     u = end.usage
     position: list[str] = []
     usage: list[str] = []
-    if u.cache_position == 0 and u.prompt_tokens == 0:
+    if u.prompt_tokens == 0:
         return position, usage  # the gateway's own TurnEnd: the model had not started it
     if u.cache_position != settled:
         position.append(f"cancelled TurnEnd at {u.cache_position}, GetSession then {settled}")
@@ -278,7 +278,7 @@ class Tally:
     turns_cut: int = 0  # the stream or channel closed mid-turn, deliberately
     turns_lost: int = 0
     turns_pipelined: int = 0  # written while the one before still ran
-    cancel_ends_without_usage: int = 0  # the gateway's own TurnEnd (cache_position 0)
+    cancel_ends_without_usage: int = 0  # the gateway's own TurnEnd (it prefilled nothing)
     tokens: int = 0
     deltas: int = 0
     sessions_opened: int = 0
@@ -716,7 +716,7 @@ class SessionClient:
         before = self.position
         if end.finish_reason == CANCELLED:
             tally.turns_cancelled += 1
-            if end.usage.cache_position == 0 and end.usage.prompt_tokens == 0:
+            if end.usage.prompt_tokens == 0:
                 tally.cancel_ends_without_usage += 1
                 self.cut_unsure = True  # the gateway's own end: the model may get it yet
             self.stale = True
