@@ -18,6 +18,7 @@ from service.gateway._proto.sinkserve.v1 import chat_pb2, chat_pb2_grpc
 from service.gateway.auth import Authenticator, AuthInterceptor
 from service.gateway.backend import TritonBackend
 from service.gateway.config import GatewayConfig
+from service.gateway.decoding import DecodeInterceptor
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ChatServicer
 
@@ -42,7 +43,7 @@ class Gateway:
         self.serving = False  # what health says: the model answers and no drain began
         self._log = structlog.get_logger("sinkserve.gateway")
         self._server = grpc.aio.server(
-            interceptors=[AuthInterceptor(auth)],
+            interceptors=[AuthInterceptor(auth), DecodeInterceptor(SERVICE_NAME)],
             options=_server_options(config),
         )
         self._metrics_server: ThreadingHTTPServer | None = None

@@ -23,6 +23,7 @@ from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from service.gateway.auth import Authenticator
 from service.gateway.backend import TritonBackend
 from service.gateway.config import GatewayConfig
+from service.gateway.decoding import Undecodable
 from service.gateway.errors import GatewayError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.quotas import CallerQuotas
@@ -179,7 +180,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
             return pb.CreateSessionResponse(session=self._describe(info))
 
-        return await self._unary("CreateSession", context, create)
+        return await self._unary("CreateSession", request, context, create)
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
@@ -189,7 +190,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             info = await self._backend.call("get", request.session_id, caller)
             return pb.GetSessionResponse(session=self._describe(info))
 
-        return await self._unary("GetSession", context, get)
+        return await self._unary("GetSession", request, context, get)
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
@@ -200,12 +201,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await self._backend.call("end", request.session_id, caller)
             return pb.DeleteSessionResponse()
 
-        return await self._unary("DeleteSession", context, delete)
+        return await self._unary("DeleteSession", request, context, delete)
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
         async def list_(caller: str) -> pb.ListSessionsResponse:
+            if request.page_size < 0:
+                raise GatewayError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"page_size={request.page_size} must be >= 0 (0 = {_LIST_PAGE_DEFAULT})",
+                )
             mine = await self._backend.call("list", owner=caller)
             ids = [s["session_id"] for s in mine]
             size = min(request.page_size or _LIST_PAGE_DEFAULT, _LIST_PAGE_MAX)
@@ -221,14 +227,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 next_page_token=page[-1]["session_id"] if more and page else "",
             )
 
-        return await self._unary("ListSessions", context, list_)
+        return await self._unary("ListSessions", request, context, list_)
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _unary(self, rpc: str, context: grpc.aio.ServicerContext, run: Any) -> Any:
+    async def _unary(
+        self, rpc: str, request: object, context: grpc.aio.ServicerContext, run: Any
+    ) -> Any:
         caller = await self._caller(context)
         log = self._log.bind(rpc=rpc, request_id=secrets.token_hex(8), caller=caller)
         try:
+            if isinstance(request, Undecodable):
+                raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await run(caller)
         except GatewayError as err:
             await self._abort(context, err, log)

@@ -27,6 +27,7 @@ import structlog
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway.backend import Delta, Final, Sampling, TritonBackend, TurnEvent, TurnRequest
 from service.gateway.config import GatewayConfig
+from service.gateway.decoding import Undecodable
 from service.gateway.errors import GatewayError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.quotas import CallerQuotas
@@ -109,7 +110,7 @@ class ChatStream:
         self._context = context
         self.log = log
         self.deadline = deadline  # monotonic, from the client's deadline
-        self.inbox: asyncio.Queue[Item] = asyncio.Queue()
+        self.inbox: asyncio.Queue[Item | Undecodable] = asyncio.Queue()
         self.turn: Turn | None = None
         self.queued: deque[TurnRequest] = deque()
         self.opened: Opened | None = None
@@ -118,7 +119,14 @@ class ChatStream:
     # -- the loop ---------------------------------------------------------------------------
 
     async def next(self) -> Item:
-        """The next inbox item; DEADLINE_EXCEEDED once the client's deadline passed."""
+        """The next inbox item; DEADLINE_EXCEEDED once the client's deadline passed,
+        INVALID_ARGUMENT for a request that is no ChatRequest."""
+        item = await self._next()
+        if isinstance(item, Undecodable):
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, item.message)
+        return item
+
+    async def _next(self) -> Item | Undecodable:
         if self.deadline is None:
             return await self.inbox.get()
         try:
@@ -245,7 +253,7 @@ class ChatStream:
                 session_id=self.opened.session_id,
                 owner=self.opened.caller,
                 text=turn.text,
-                sampling=sampling_of(self.opened.defaults, turn.sampling),
+                sampling=sampling_of(turn.sampling, self.opened.defaults),
                 raw=turn.raw,
             )
         )
@@ -384,7 +392,7 @@ def sampling_of(*sources: pb.SamplingParams) -> Sampling:
 
 
 async def read_requests(
-    requests: AsyncIterator[pb.ChatRequest], inbox: asyncio.Queue[Item]
+    requests: AsyncIterator[pb.ChatRequest | Undecodable], inbox: asyncio.Queue[Item | Undecodable]
 ) -> None:
     """Move the client's requests into the inbox, then REQUESTS_DONE."""
     async for request in requests:
