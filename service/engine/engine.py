@@ -136,6 +136,7 @@ class Engine:
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()  # held across a store read: never under _lock
         self._wake = threading.Condition(self._lock)
+        self._gone = threading.Condition(self._lock)  # notified when a session ends
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = {"prefill": 0, "generated": 0, "steps": 0, "evicted": 0}
@@ -544,7 +545,7 @@ class Engine:
 
     def end_session(self, session_id: str, owner: str | None = None) -> None:
         """End the session: its slot is freed and its record deleted; a running turn is
-        cancelled first (it gets its TurnEnd, then the session ends)."""
+        cancelled first (it gets its TurnEnd, then the session ends, then this returns)."""
         s = self._session(session_id, owner)
         with self._lock:
             if self._sessions.get(session_id) is not s:
@@ -553,6 +554,9 @@ class Engine:
                 s.turn.cancelled = True
                 s.turn.state.end_session = True  # the loop ends it after the turn
                 self._wake.notify()
+                # Answer once it is gone (the cancelled turn ends within a step), so that
+                # whoever ended it never sees it again.
+                self._gone.wait_for(lambda: self._sessions.get(session_id) is not s, 5.0)
                 return
             self._drop(s)
 
@@ -569,6 +573,7 @@ class Engine:
 
     def _drop(self, s: Session) -> None:
         del self._sessions[s.session_id]
+        self._gone.notify_all()
         slot = self._sched.release(s)
         if slot is not None:
             self.runner.clear(slot)
