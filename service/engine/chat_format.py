@@ -89,6 +89,19 @@ class ChatFormat:
             return ids[1:]
         return ids
 
+    def conversation(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Tokens of a whole conversation (`(role, content)` pairs) ending with the
+        assistant generation prompt: what a new session's first turn prefills when a
+        client sends its history (OpenAI's stateless chat completions). Contents are
+        plain text, as in `first_turn`. ValueError (or jinja2's TemplateError) when the
+        template refuses the roles."""
+        if not messages:
+            raise ValueError("a conversation needs at least one message")
+        # Slot names end with a letter: "m1e" is no prefix of "m10e".
+        slots = [(role, f"m{i}e") for i, (role, _) in enumerate(messages)]
+        contents = {slot: content for (_, slot), (_, content) in zip(slots, messages, strict=True)}
+        return self._encode(self._layout(slots), contents)
+
     def _layout(self, roles_and_slots: Sequence[tuple[str, str]]) -> _Layout:
         """Renders messages whose content is ` marker ` and cuts the text at the markers."""
         messages = [{"role": r, "content": f" {_MARK}{s} "} for r, s in roles_and_slots]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import structlog
+from jinja2 import TemplateError
 
 from service.engine.types import (
     Event,
@@ -79,6 +80,9 @@ class ModelRequest:
     raw: bool
     stream: bool
     sampling: dict[str, Any]
+    # A whole conversation ((role, content) pairs) the chat template renders as the
+    # turn's prompt, instead of `text`: a new session's history sent in one request.
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 def parse_request(get: GetInput) -> ModelRequest:
@@ -91,7 +95,10 @@ def parse_request(get: GetInput) -> ModelRequest:
     if action in _NEEDS_SESSION and not session_id:
         raise InvalidRequest(f"session_id is required for {action} and must be non-empty")
     text = _string(get, "text_input") or ""
-    if action == "turn" and not text:
+    messages = _messages(get) if get("messages") is not None else None
+    if messages is not None and (action != "turn" or text):
+        raise InvalidRequest("messages is only accepted with a turn, instead of text_input")
+    if action == "turn" and not text and messages is None:
         raise InvalidRequest("text_input is required for a turn and must be non-empty")
     system = _string(get, "system_prompt")
     if system and action != "open":
@@ -111,7 +118,39 @@ def parse_request(get: GetInput) -> ModelRequest:
         raw=_scalar(get, "raw_prompt", bool, False),
         stream=_scalar(get, "stream", bool, True),
         sampling=sampling,
+        messages=messages,
     )
+
+
+def turn_prompt(engine: Engine, req: ModelRequest) -> str | list[int]:
+    """What a turn prefills: its text (the engine applies the chat template), or its
+    `messages` rendered whole by the template (InvalidRequest when the template refuses
+    them). Meant for a session's first turn: nothing of the previous reply is closed."""
+    if req.messages is None:
+        return req.text
+    try:
+        return engine.chat.conversation(req.messages)
+    except (ValueError, TemplateError) as exc:
+        raise InvalidRequest(f"messages: {exc}") from None
+
+
+def _messages(get: GetInput) -> tuple[tuple[str, str], ...]:
+    """The `messages` input: a JSON array of {"role": str, "content": str} objects."""
+    raw = _string(get, "messages") or ""
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("messages is not JSON") from None
+    if not isinstance(items, list) or not items:
+        raise InvalidRequest("messages must be a non-empty JSON array")
+    out = []
+    for n, item in enumerate(items):
+        role = item.get("role") if isinstance(item, dict) else None
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise InvalidRequest(f'messages[{n}] must be {{"role": str, "content": str}}')
+        out.append((role, content))
+    return tuple(out)
 
 
 def run_control(engine: Engine, req: ModelRequest) -> Outputs:

@@ -93,6 +93,30 @@ def test_bad_inputs_are_rejected_naming_the_input(values, named):
         parse_request(inputs(**values))
 
 
+def test_a_turn_may_send_its_whole_conversation_as_messages_instead_of_text():
+    history = '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]'
+    req = parse_request(inputs(messages=history, session_id="s"))
+    assert req.messages == (("system", "Be brief."), ("user", "Hi")) and req.text == ""
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"messages": "not json"}, "messages is not JSON"),
+        ({"messages": "[]"}, "non-empty JSON array"),
+        ({"messages": '[{"role": "user"}]'}, r"messages\[0\] must be"),
+        ({"messages": '[{"role": "user", "content": "x"}]', "text_input": "hi"}, "instead of"),
+        (
+            {"messages": '[{"role": "user", "content": "x"}]', "request_type": "open"},
+            "only accepted with a turn",
+        ),
+    ],
+)
+def test_malformed_messages_are_rejected(values, named):
+    with pytest.raises(InvalidRequest, match=named):
+        parse_request(inputs(session_id="s", **values))
+
+
 def test_session_calls_need_no_text():
     assert parse_request(inputs(request_type="end", session_id="s")).action == "end"
     assert parse_request(inputs(request_type="list", owner="bob")).owner == "bob"

@@ -34,6 +34,7 @@ from service.triton.adapter import (
     TurnResponder,
     parse_request,
     run_control,
+    turn_prompt,
 )
 from service.triton.handoff import Handoff
 from service.triton.metrics import EngineMetrics
@@ -156,7 +157,7 @@ class TritonPythonModel:
                 return
             turn_id = self.engine.submit(
                 req.session_id,
-                req.text,
+                turn_prompt(self.engine, req),
                 req.sampling,
                 responder.on_events,
                 raw=req.raw,
