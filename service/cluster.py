@@ -79,6 +79,7 @@ class Replica:
     triton_grpc: int = field(default_factory=free_port)
     triton_metrics: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)  # the gateway's, with /ready
+    http_port: int = field(default_factory=free_port)  # the gateway's OpenAI HTTP API
     child: Child | None = None
 
     @property
@@ -93,6 +94,7 @@ class Replica:
             "serve",
             f"--port={self.port}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-port={self.http_port}",
             f"--model-repository={self.model_repository}",
             f"--triton-grpc-port={self.triton_grpc}",
             f"--triton-http-port={free_port()}",

@@ -37,6 +37,12 @@ def add_serve_parser(
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
     p.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port")
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=8080,
+        help="OpenAI-compatible HTTP API of the gateway (docs/openai.md; -1 = off)",
+    )
+    p.add_argument(
         "--model-repository",
         type=Path,
         default=default_model_repository(),
@@ -79,6 +85,7 @@ def gateway_config(args: argparse.Namespace) -> GatewayConfig:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         triton_url=f"127.0.0.1:{args.triton_grpc_port}",
         tokens_file=args.tokens_file,
         auth_disabled=args.no_auth,
@@ -128,11 +135,12 @@ async def _run_gateway(config: GatewayConfig, auth: Authenticator, triton: Trito
     stopped = False
     supervisor = asyncio.create_task(Supervisor(triton).run(lambda: stopped))
     token = "" if config.auth_disabled else " --token <your token>"
+    http = f", OpenAI HTTP :{gateway.http_port}/v1" if gateway.http_port else ""
     if config.tls:
         token += " --tls-ca <the CA of the gateway's certificate>"
     print(
         f"sinkserve is up: gateway {config.host}:{gateway.port} "
-        f"(metrics :{gateway.metrics_port}), Triton gRPC {triton.grpc_url} "
+        f"(metrics :{gateway.metrics_port}{http}), Triton gRPC {triton.grpc_url} "
         f"HTTP {triton.http_url} metrics {triton.metrics_url}\n"
         f"chat with:  .venv/bin/sinkserve chat --target {config.host}:{gateway.port}{token}\n"
         "Ctrl-C stops both.",

@@ -41,9 +41,12 @@ class Sampling:
 class TurnRequest:
     session_id: str
     owner: str
-    text: str
+    text: str  # "" when `messages` is set
     sampling: Sampling
     raw: bool = False
+    # A whole conversation ((role, content) pairs) the model's chat template renders as
+    # this turn's prompt instead of `text`: only for a new session's first turn.
+    messages: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,13 @@ class TritonBackend:
         busy is retried for up to `busy_wait_s` (within `timeout_s`): the model refused the
         turn before running any of it, so sending it again repeats nothing.
         """
+        if req.messages is None:
+            prompt = _string("text_input", req.text)
+        else:
+            history = [{"role": role, "content": content} for role, content in req.messages]
+            prompt = _string("messages", json.dumps(history))
         inputs = [
-            _string("text_input", req.text),
+            prompt,
             _string("session_id", req.session_id),
             _string("owner", req.owner),
             _tensor("stream", "BOOL", np.array([True])),

@@ -19,6 +19,7 @@ _FLAG_HELP = {
     "triton_url": "Triton gRPC endpoint host:port",
     "model": "Triton model name",
     "metrics_port": "Prometheus port (-1 = off, 0 = any free port)",
+    "http_port": "OpenAI-compatible HTTP API port (-1 = off, 0 = any free port)",
     "tokens_file": "file of 'caller:token' lines",
     "tokens_env": "env var holding 'caller:token,caller:token'",
     "tls_cert_file": "PEM certificate chain of the gateway (with --tls-key: TLS on)",

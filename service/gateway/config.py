@@ -22,6 +22,9 @@ class GatewayConfig:
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint
     model: str = "sinkserve"
     metrics_port: int = 9464  # Prometheus /metrics; -1 = off, 0 = pick a free port
+    # The OpenAI-compatible HTTP API (/v1/...; docs/openai.md) on `host`, with the same
+    # tokens, TLS and limits as gRPC; -1 = off, 0 = pick a free port.
+    http_port: int = -1
     auth_disabled: bool = False  # only for local use; must be asked for explicitly
     tokens_file: str = ""  # lines "caller:token"
     tokens_env: str = "SINKSERVE_TOKENS"  # env var holding "caller:token,caller:token"
@@ -91,6 +94,7 @@ class GatewayConfig:
         need(":" in self.triton_url, "triton_url", "must be host:port")
         need(bool(self.model), "model", "must be non-empty")
         need(-1 <= self.metrics_port <= 65535, "metrics_port", "must be in -1..65535")
+        need(-1 <= self.http_port <= 65535, "http_port", "must be in -1..65535")
         need(self.max_streams_per_caller >= 1, "max_streams_per_caller", "must be >= 1")
         need(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         need(self.max_turn_chars >= 1, "max_turn_chars", "must be >= 1")

@@ -51,6 +51,12 @@ class GatewayMetrics:
             ["code"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "sinkserve_gateway_http_requests",
+            "Requests to the OpenAI-compatible HTTP API, by route and HTTP status",
+            ["route", "status"],
+            registry=r,
+        )
         self.backend_ready = Gauge(
             "sinkserve_gateway_backend_ready", "1 while Triton and the model are ready", registry=r
         )

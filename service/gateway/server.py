@@ -20,6 +20,7 @@ from service.gateway.backend import TritonBackend
 from service.gateway.config import GatewayConfig
 from service.gateway.decoding import DecodeInterceptor
 from service.gateway.metrics import GatewayMetrics
+from service.gateway.openai_http import OpenAIServer
 from service.gateway.servicer import ChatServicer
 
 _STEP_S = 5.0  # the most any step of stop() may take (beyond the drain grace)
@@ -40,6 +41,10 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0  # the OpenAI-compatible HTTP API's; 0 while it is off
+        self.http: OpenAIServer | None = None
+        if config.http_port >= 0:
+            self.http = OpenAIServer(config, self.backend, auth, self.metrics, self.servicer.quotas)
         self.serving = False  # what health says: the model answers and no drain began
         self._log = structlog.get_logger("sinkserve.gateway")
         self._server = grpc.aio.server(
@@ -68,6 +73,8 @@ class Gateway:
             self._metrics_server, self.metrics_port = self.metrics.serve(
                 self.config.host, self.config.metrics_port, lambda: self.serving
             )
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self._tasks = [
             asyncio.create_task(self._watch_backend()),
             asyncio.create_task(self._watch_tokens()),
@@ -79,6 +86,7 @@ class Gateway:
             client_certificates=bool(self.config.tls_client_ca_file),
             triton=self.config.triton_url,
             metrics_port=self.metrics_port,
+            http_port=self.http_port,
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -92,8 +100,11 @@ class Gateway:
         await asyncio.sleep(self.config.drain_delay_s)
         self.servicer.drain()
         # Each step is bounded: grpc.aio's Server.stop can wait forever on a handler whose
-        # call was cancelled, and a gateway asked to stop must stop.
-        await self._bounded("grpc server", self._server.stop(grace), grace + _STEP_S)
+        # call was cancelled, and a gateway asked to stop must stop. Both APIs drain at once.
+        steps = [self._bounded("grpc server", self._server.stop(grace), grace + _STEP_S)]
+        if self.http is not None:
+            steps.append(self._bounded("http api", self.http.stop(grace), grace + _STEP_S))
+        await asyncio.gather(*steps)
         for task in self._tasks:
             task.cancel()
         await self._bounded("upkeep", asyncio.gather(*self._tasks, return_exceptions=True))
@@ -154,6 +165,8 @@ class Gateway:
                 was = ready
             if why is not None:
                 self.servicer.backend_lost(why)
+                if self.http is not None:
+                    self.http.backend_lost(why)
             await asyncio.sleep(self.config.health_interval_s)
 
     async def _watch_tokens(self) -> None:

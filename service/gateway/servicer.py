@@ -55,8 +55,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._log = structlog.get_logger("sinkserve.gateway")
         self._streams: set[ChatStream] = set()
         self._streams_of: dict[str, int] = {}  # open streams per caller (a limit)
-        quotas = CallerQuotas(config.max_turns_per_caller, config.tokens_per_minute_per_caller)
-        self._deps = StreamDeps(config, backend, metrics, quotas)
+        # Shared with the gateway's HTTP API: a caller's turns count once, whatever the API.
+        self.quotas = CallerQuotas(config.max_turns_per_caller, config.tokens_per_minute_per_caller)
+        self._deps = StreamDeps(config, backend, metrics, self.quotas)
         self._draining = False
         # (sinks, window) reported to clients; the server refreshes it from the model config.
         self.cache_shape = (config.sinks, config.window)
