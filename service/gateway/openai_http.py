@@ -162,16 +162,16 @@ class OpenAIServer:
             response = await handler(request)
         except ApiError as err:
             response = self._error_response(err, log)
-        except GatewayError as err:
-            response = self._error_response(api_error(err), log)
+        except GatewayError as failed:
+            response = self._error_response(api_error(failed), log)
         except web.HTTPException as exc:  # no such route or method, a body too large
             code = exc.reason.lower().replace(" ", "_")
-            err = ApiError(exc.status, exc.text or exc.reason, code=code)
-            response = self._error_response(err, log)
-        except Exception:
+            refused = ApiError(exc.status, exc.text or exc.reason, code=code)
+            response = self._error_response(refused, log)
+        except Exception:  # a bug: logged with its traceback, answered without it
             log.exception("http request failed")
-            err = ApiError(500, "internal error", kind="server_error", code="internal_error")
-            response = self._error_response(err, log)
+            internal = ApiError(500, "internal error", kind="server_error", code="internal_error")
+            response = self._error_response(internal, log)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -373,6 +373,13 @@ class OpenAIServer:
         else:
             info = await self._backend.call("open", owner=caller)
             session, owned = info["session_id"], True
+        header = request.headers.get("x-session-id")
+        if not owned and header is not None and header != session:
+            # a proxy routes by the header: it must name the session the request continues
+            raise wire.bad(
+                f"the x-session-id header {header!r} does not name this request's session",
+                "x-session-id",
+            )
         log: Log = request["log"].bind(session_id=session)
         if req.instructions and info["turns"]:
             log.info("instructions of a continued conversation ignored (its start keeps them)")
@@ -404,7 +411,7 @@ class OpenAIServer:
                     session,
                     completed_at=int(time.time()),
                 )
-                return web.json_response(body)
+                return web.json_response(body, headers={"x-session-id": session})
         finally:
             # A response that is not stored, or never was, leaves no session behind.
             if owned and (not req.store or final is None):
@@ -470,7 +477,7 @@ class OpenAIServer:
         events: AsyncIterator[TurnEvent],
         log: Log,
     ) -> tuple[web.StreamResponse, Final | None]:
-        stream = await self._sse(request, None)
+        stream = await self._sse(request, session)
         mid = shape.message_id
         where = {"item_id": mid, "output_index": 0, "content_index": 0}
         parts: list[str] = []
@@ -508,14 +515,15 @@ class OpenAIServer:
             await stream.end()
             return stream.response, event
         except GatewayError as err:
-            body = api_error(err).body()["error"]
-            await stream.event(
-                "error", {"code": body["code"], "message": body["message"], "param": None}
-            )
-            failed = shape.render(response, "failed", [], error=body)
-            await stream.event("response.failed", {"response": failed})
-            await stream.end()
             log.info("turn failed mid-stream", code=err.code.name, error=err.message)
+            body = api_error(err).body()["error"]
+            with contextlib.suppress(_ClientGone):
+                await stream.event(
+                    "error", {"code": body["code"], "message": body["message"], "param": None}
+                )
+                failed = shape.render(response, "failed", [], error=body)
+                await stream.event("response.failed", {"response": failed})
+                await stream.end()
         except _ClientGone as gone:
             log.info("client went away mid-stream; turn cut", reason=str(gone))
         return stream.response, None

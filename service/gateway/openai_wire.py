@@ -207,13 +207,17 @@ class _Body:
 
     def string(self, key: str) -> str | None:
         value = self._body.get(key)
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            return None
+        if not isinstance(value, str):
             raise bad(f"{self._prefix}{key} must be a string", self._prefix + key)
         return value
 
     def boolean(self, key: str) -> bool | None:
         value = self._body.get(key)
-        if value is not None and not isinstance(value, bool):
+        if value is None:
+            return None
+        if not isinstance(value, bool):
             raise bad(f"{self._prefix}{key} must be a boolean", self._prefix + key)
         return value
 

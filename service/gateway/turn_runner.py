@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 
@@ -39,7 +39,7 @@ class TurnRunner:
     def running(self) -> int:
         return len(self._running)
 
-    async def run(self, request: TurnRequest) -> AsyncIterator[TurnEvent]:
+    async def run(self, request: TurnRequest) -> AsyncGenerator[TurnEvent, None]:
         """Delta events, then exactly one Final; GatewayError on failure (RESOURCE_EXHAUSTED
         with a retry hint past the caller's quotas, before anything runs).
 

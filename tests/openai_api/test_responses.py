@@ -12,6 +12,7 @@ from openai import AsyncOpenAI
 from tests.openai_api.conftest import MODEL
 
 QUESTIONS = ("What is the capital of France?", "And of Italy?", "Thanks, bye.")
+INSTRUCTIONS = "You are a helpful assistant. Answer every question in one word, no punctuation."
 
 
 def stats(reply: Any) -> dict[str, Any]:
@@ -52,10 +53,10 @@ async def test_previous_response_ids_chain_turns_and_only_the_latest_continues(
     first = await client.responses.create(
         model=MODEL,
         input="Name a colour.",
-        instructions="Answer in one word.",
+        instructions=INSTRUCTIONS,
         max_output_tokens=8,
     )
-    assert first.instructions == "Answer in one word." and first.usage is not None
+    assert first.instructions == INSTRUCTIONS and first.usage is not None
     stream = await client.responses.create(
         model=MODEL,
         previous_response_id=first.id,
