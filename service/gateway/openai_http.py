@@ -162,7 +162,8 @@ class OpenAIServer:
             response = await handler(request)
         except ApiError as err:
             response = self._error_response(err, log)
-        except GatewayError as failed:
+        except GatewayError as failed:  # counted by gRPC code, as the gRPC API's are
+            self._metrics.errors.labels(failed.code.name).inc()
             response = self._error_response(api_error(failed), log)
         except web.HTTPException as exc:  # no such route or method, a body too large
             code = exc.reason.lower().replace(" ", "_")
@@ -200,7 +201,6 @@ class OpenAIServer:
 
     def _error_response(self, err: ApiError, log: Log) -> web.Response:
         code = err.code or str(err.status)
-        self._metrics.errors.labels(f"HTTP_{err.status}").inc()
         log.info("http error", status=err.status, code=code, error=err.message)
         headers = {}
         if err.retry_after_s is not None:
@@ -353,6 +353,7 @@ class OpenAIServer:
                 await stream.data(chunk(None, final=event))
             await stream.done()
         except GatewayError as err:
+            self._metrics.errors.labels(err.code.name).inc()
             await stream.fail(api_error(err).body(), log)
         except _ClientGone as gone:
             log.info("client went away mid-stream; turn cut", reason=str(gone))
@@ -515,6 +516,7 @@ class OpenAIServer:
             await stream.end()
             return stream.response, event
         except GatewayError as err:
+            self._metrics.errors.labels(err.code.name).inc()
             log.info("turn failed mid-stream", code=err.code.name, error=err.message)
             body = api_error(err).body()["error"]
             with contextlib.suppress(_ClientGone):

@@ -44,6 +44,7 @@ def test_the_default_gateway_config_is_valid() -> None:
         ("health_interval_s", 0),
         ("probe_timeout_s", 0),
         ("max_turn_chars", 0),
+        ("http_port", -2),
     ],
 )
 def test_a_bad_setting_is_a_config_error_naming_it(field: str, value: object) -> None:
