@@ -272,7 +272,7 @@ def _stop(value: object) -> tuple[str, ...]:
 def _unsupported(b: _Body, keys: tuple[str, ...]) -> None:
     for key in keys:
         if b.get(key):  # absent, null or empty is fine
-            raise bad(f"{key} are not supported by this server", key)
+            raise bad(f"{key!r} is not supported by this server", key)
 
 
 def _text_format(value: object, param: str) -> None:
