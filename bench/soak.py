@@ -11,7 +11,10 @@ between turns, a GetSession check, and the session ended (EndSession or DeleteSe
 and replaced by a new one. Every turn is checked:
 
 - a TurnEnd for every turn not deliberately cut; else it counts in `turns_lost`, and
-  the status in `errors_by_code`;
+  the status in `errors_by_code`, except a turn refused before it ran with
+  RESOURCE_EXHAUSTED and a `retry-after-ms` hint (the server shedding load: every slot
+  stayed busy past its slot wait), which counts in `turns_shed` and is followed by a
+  wait of the hint;
 - the cache position adds up: a turn feeds its prompt (with the token the previous turn
   owed) and all but the last of its generated tokens, so position = before +
   prompt_tokens + generated_tokens - 1; after a cancel or a cut the client takes the
@@ -277,6 +280,9 @@ class Tally:
     turns_cancelled: int = 0
     turns_cut: int = 0  # the stream or channel closed mid-turn, deliberately
     turns_lost: int = 0
+    # Refused before they ran with RESOURCE_EXHAUSTED and a retry-after-ms hint (every
+    # slot busy past slot_wait_s): load shed as documented, retried after the hint.
+    turns_shed: int = 0
     turns_pipelined: int = 0  # written while the one before still ran
     cancel_ends_without_usage: int = 0  # the gateway's own TurnEnd (it prefilled nothing)
     tokens: int = 0
@@ -305,6 +311,11 @@ class Tally:
         self._example(kind=kind, session=session, detail=detail, **context)
         self.log.warning("check failed", kind=kind, session=session, detail=detail, **context)
 
+    def shed(self, session: int, turns: int, retry_after_s: float, detail: str) -> None:
+        self.turns_shed += turns
+        self.log.info("turn shed", session=session, turns=turns, retry_after_s=retry_after_s)
+        self._example(kind="shed", session=session, turns=turns, detail=detail)
+
     def failed(self, code: str, session: int, lost: int, detail: str, **context: Any) -> None:
         """A call ended with an unexpected status; `lost` turns were in flight on it."""
         self.errors_by_code[code] += 1
@@ -329,13 +340,16 @@ class Interrupted(Exception):
 class CallFailed(Exception):
     """A call of the soak ended with a status it did not ask for."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {details}")
         self.code, self.details = code, details
+        self.retry_after_s = retry_after_s  # the status's retry-after-ms, if any
 
 
 def _failed(err: grpc.aio.AioRpcError) -> CallFailed:
-    return CallFailed(err.code().name, err.details() or "")
+    hint = dict(err.trailing_metadata() or ()).get("retry-after-ms")
+    retry_after_s = int(hint) / 1000 if isinstance(hint, str) and hint.isdigit() else None
+    return CallFailed(err.code().name, err.details() or "", retry_after_s)
 
 
 class Stream:
@@ -467,6 +481,7 @@ class SessionClient:
         self.cache_len = 0
         self.stream: Stream | None = None
         self.in_flight = 0
+        self.turn_deltas = 0  # deltas of the turn being read
         self.cut_unsure = False
         self.late_base: int | None = None
         self.trail: deque[str] = deque(maxlen=8)  # the last actions, for problem reports
@@ -525,9 +540,14 @@ class SessionClient:
             (exc.code, exc.details) if isinstance(exc, CallFailed) else ("CLIENT_TIMEOUT", "")
         )
         trail = list(self.trail)
-        self.tally.failed(
-            code, self.index, self.in_flight, details, session_id=self.session_id, trail=trail
-        )
+        retry_after_s = exc.retry_after_s if isinstance(exc, CallFailed) else None
+        shed = code == "RESOURCE_EXHAUSTED" and retry_after_s is not None and not self.turn_deltas
+        if shed:
+            self.tally.shed(self.index, self.in_flight, retry_after_s or 0.0, details)
+        else:
+            self.tally.failed(
+                code, self.index, self.in_flight, details, session_id=self.session_id, trail=trail
+            )
         self.cut_unsure |= self.in_flight > 0
         self.in_flight = 0
         self.drop_stream()
@@ -535,7 +555,7 @@ class SessionClient:
             self.tally.sessions_lost += 1
             self.problem("session", f"session {self.session_id} was lost")
             self.session_id, self.cut_unsure, self.late_base = None, False, None
-        await asyncio.sleep(ERROR_BACKOFF_S)
+        await asyncio.sleep(retry_after_s if shed and retry_after_s else ERROR_BACKOFF_S)
 
     def drop_stream(self) -> None:
         if self.stream is not None:
@@ -651,6 +671,7 @@ class SessionClient:
         last = started
         deltas = 0
         bad_index = None
+        self.turn_deltas = 0
         while True:
             if drop_after is not None and deltas >= drop_after:
                 self.cut(ids, texts, first, started, gaps)
@@ -673,6 +694,7 @@ class SessionClient:
                 ids.extend(delta.token_ids)
                 texts.append(delta.text)
                 deltas += 1
+                self.turn_deltas = deltas
             elif kind == "turn_end":
                 break
             else:
@@ -1138,6 +1160,7 @@ def summarize(
         "sessions": args.sessions,
         "turns": tally.turns,
         "turns_lost": tally.turns_lost,
+        "turns_shed": tally.turns_shed,
         "errors_by_code": dict(sorted(tally.errors_by_code.items())),
         "rss_mb_start": samples[0]["rss_mb"],
         "rss_mb_end": samples[-1]["rss_mb"],

@@ -66,6 +66,10 @@ from service.engine.types import (
 )
 
 T = TypeVar("T")
+
+# A cancelled turn ends at the next step; what a caller waiting for that (end_session, a
+# new turn of the session) waits at most, should the loop be stuck.
+CANCELLED_TURN_WAIT_S = 5.0
 OnEvents = Callable[[list[Event]], None]
 Sampling = SamplingParams | Mapping[str, Any]  # whole params, or overrides of the defaults
 
@@ -99,6 +103,7 @@ class _TurnState:
     stops: StopMatcher
     rng: torch.Generator | None
     prompt_tokens: int
+    inherited: int  # tokens owed by the previous turn, at the head of `pending`
     end_session: bool = False  # end_session() arrived while the turn ran
 
 
@@ -136,7 +141,7 @@ class Engine:
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()  # held across a store read: never under _lock
         self._wake = threading.Condition(self._lock)
-        self._gone = threading.Condition(self._lock)  # notified when a session ends
+        self._ended = threading.Condition(self._lock)  # notified when a turn or session ends
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._counters = {"prefill": 0, "generated": 0, "steps": 0, "evicted": 0}
@@ -556,7 +561,9 @@ class Engine:
                 self._wake.notify()
                 # Answer once it is gone (the cancelled turn ends within a step), so that
                 # whoever ended it never sees it again.
-                self._gone.wait_for(lambda: self._sessions.get(session_id) is not s, 5.0)
+                self._ended.wait_for(
+                    lambda: self._sessions.get(session_id) is not s, CANCELLED_TURN_WAIT_S
+                )
                 return
             self._drop(s)
 
@@ -573,7 +580,7 @@ class Engine:
 
     def _drop(self, s: Session) -> None:
         del self._sessions[s.session_id]
-        self._gone.notify_all()
+        self._ended.notify_all()
         slot = self._sched.release(s)
         if slot is not None:
             self.runner.clear(slot)
@@ -605,11 +612,7 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineStopped("engine is shutting down")
-            if s.turn is not None:
-                raise SessionBusy(
-                    f"session {session_id!r} already has a turn running; wait for its "
-                    "TurnEnd or cancel it"
-                )
+            self._await_free(s)
             first, finished_eos = s.turns == 0 and s.position == 0, s.last_finished_eos
             system = s.system
         tokens = self._encode(prompt, raw=raw, first=first, system=system, eos=finished_eos)
@@ -619,8 +622,7 @@ class Engine:
         with self._lock:
             if self._sessions.get(session_id) is not s:
                 raise UnknownSession(f"session {session_id!r} ended while submitting")
-            if s.turn is not None:
-                raise SessionBusy(f"session {session_id!r} has a turn running")
+            self._await_free(s)
             turn = Turn(
                 turn_id=self._sched.next_turn_id(),
                 session=s,
@@ -634,6 +636,7 @@ class Engine:
                 stops=StopMatcher(params.stop),
                 rng=self.runner.new_rng(params.seed),
                 prompt_tokens=len(turn.pending),
+                inherited=len(s.owed),
             )
             s.owed, s.turn = [], turn
             s.turns += 1
@@ -642,6 +645,18 @@ class Engine:
             self._sched.add(turn)
             self._wake.notify()
         return turn.turn_id
+
+    def _await_free(self, s: Session) -> None:
+        """Return once `s` has no running turn (lock held), else raise SessionBusy. A turn
+        already cancelled (its client went away, or cancelled it) ends within a step, so a
+        new turn waits for that instead of being refused: the client that resumes its
+        session after a disconnect sends its next turn at once."""
+        self._ended.wait_for(lambda: s.turn is None or not s.turn.cancelled, CANCELLED_TURN_WAIT_S)
+        if s.turn is not None:
+            raise SessionBusy(
+                f"session {s.session_id!r} already has a turn running; wait for its "
+                "TurnEnd or cancel it"
+            )
 
     def _check_fits(self, what: str, tokens: int) -> None:
         """Refuse what the cache cannot hold (by default a prompt longer than the window
@@ -816,7 +831,10 @@ class Engine:
                 out.append((turn, self._end(turn, FinishReason.CANCELLED)))
             plan = self._sched.schedule(now, list(self._sessions.values()))
             for turn in plan.timed_out:
-                msg = f"no KV slot became free within {self.config.slot_wait_s:g}s"
+                msg = (
+                    f"no KV slot became free within {self.config.slot_wait_s:g} s: every "
+                    "slot is busy (retry after 1 s)"
+                )
                 out.append((turn, self._end(turn, FinishReason.ERROR, msg, "RESOURCE_EXHAUSTED")))
             for session, slot in plan.swap_out:
                 session.host = self.runner.save(slot)
@@ -893,13 +911,15 @@ class Engine:
         flush: bool = True,
     ) -> list[Event]:
         """Finish a turn (lock held): the session keeps its cache; tokens the cache has
-        not seen yet are owed to the next turn."""
+        not seen yet are owed to the next turn, except the prompt of a turn refused
+        before it ran (ERROR, nothing fed): the client is told to send it again."""
         s = turn.session
         self._sched.finish(turn)
         del self._turns[turn.turn_id]
-        s.owed = turn.pending[turn.fed :] + (
-            [turn.next_token] if turn.next_token is not None else []
-        )
+        self._ended.notify_all()
+        refused = reason is FinishReason.ERROR and turn.fed == 0
+        unfed = turn.pending[: turn.state.inherited] if refused else turn.pending[turn.fed :]
+        s.owed = unfed + ([turn.next_token] if turn.next_token is not None else [])
         s.last_finished_eos = eos
         s.last_used = self._clock()
         usage = Usage(

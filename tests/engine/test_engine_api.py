@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import threading
 import time
 
 import pytest
@@ -166,13 +167,67 @@ def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make)
     assert engine.stats().turns_running == 0
 
 
-def test_a_turn_waiting_for_a_busy_slot_fails_with_resource_exhausted(make):
+def test_a_new_turn_after_a_cancel_waits_for_the_cancelled_turn_instead_of_being_refused(
+    tokenizer, model
+):
+    # Stepped by hand: the cancelled turn is still running when the next turn arrives.
+    engine = RecordingEngine(tokenizer, model[1], model[0]).engine
+    sid = engine.open_session()
+    ends: list[TurnEnd] = []
+
+    def on_events(events):
+        ends.extend(e for e in events if isinstance(e, TurnEnd))
+
+    first = engine.submit(
+        sid, [3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True), on_events
+    )
+    engine.step()
+    engine.cancel(first)
+    submitted: list[object] = []
+    thread = threading.Thread(
+        target=lambda: submitted.append(
+            _submit_or_error(engine, sid, [5], SamplingParams(max_new_tokens=3), on_events)
+        )
+    )
+    # The submit must be waiting (on the engine's condition; CPython's Condition keeps
+    # a deque of its waiters) before the step that ends the cancelled turn runs.
+    waiters = engine._ended._waiters
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not waiters and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert waiters, submitted
+    engine.step()
+    thread.join(timeout=10)
+    assert isinstance(submitted[0], int), submitted  # a turn id, not SessionBusy
+    while len(ends) < 2:
+        engine.step()
+    assert [e.finish_reason for e in ends] == [FinishReason.CANCELLED, FinishReason.LENGTH]
+    assert ends[1].usage.prompt_tokens == 1 + 1  # its own token and the one owed
+
+
+def _submit_or_error(engine, sid, prompt, params, on_events) -> int | Exception:
+    try:
+        return engine.submit(sid, prompt, params, on_events)
+    except Exception as exc:  # the test asserts on what came back
+        return exc
+
+
+def test_a_turn_waiting_for_a_busy_slot_fails_with_resource_exhausted_and_a_retry_hint(make):
     engine = make(max_sessions=1, slot_wait_s=0.2)
     a, b = engine.open_session(), engine.open_session()
-    engine.submit(a, [3], SamplingParams(max_new_tokens=4000, ignore_eos=True), lambda e: None)
-    events = collect(engine, b, [3], max_new_tokens=2)
+    running = engine.submit(
+        a, [3], SamplingParams(max_new_tokens=4000, ignore_eos=True), lambda e: None
+    )
+    events = collect(engine, b, [3, 3, 3], max_new_tokens=2)
     end = events[-1]
     assert end.finish_reason is FinishReason.ERROR and end.error_code == "RESOURCE_EXHAUSTED"
+    assert end.error.endswith("(retry after 1 s)")
+    engine.cancel(running)
+    # The refused turn never ran: its prompt is not owed to the next turn.
+    again = collect(engine, b, [4, 5], max_new_tokens=2)[-1]
+    assert again.finish_reason is FinishReason.LENGTH
+    assert again.usage.prompt_tokens == 2
 
 
 def test_ending_a_session_frees_its_slot_and_idle_sessions_expire(make):
