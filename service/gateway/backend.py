@@ -9,6 +9,7 @@ too. The model's tensor interface is described in triton_model_repo/sinkserve/co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -135,11 +136,16 @@ class TritonBackend:
             inputs.append(_string("system_prompt", system))
         if (sampling := fields.get("sampling")) is not None:
             inputs += _sampling_inputs(sampling)
-        async for result in self._responses(inputs, 30.0, final="session_info"):
-            out = result.as_numpy("session_info")
-            if out is None:
-                raise GatewayError(grpc.StatusCode.INTERNAL, f"no session_info in {action} answer")
-            return json.loads(out.reshape(-1)[0])
+        async with contextlib.aclosing(
+            self._responses(inputs, 30.0, final="session_info")
+        ) as results:
+            async for result in results:
+                out = result.as_numpy("session_info")
+                if out is None:
+                    raise GatewayError(
+                        grpc.StatusCode.INTERNAL, f"no session_info in {action} answer"
+                    )
+                return json.loads(out.reshape(-1)[0])
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, "Triton closed the stream unanswered")
 
     async def turn(
@@ -176,14 +182,20 @@ class TritonBackend:
             answered = False  # a response came: the model took the turn, no retry after that
             left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             try:
-                async for result in self._responses(inputs, left, final="finish_reason"):
-                    answered = True
-                    delta, final = _read(result)
-                    if delta is not None:
-                        yield delta
-                    if final is not None:
-                        yield final
-                        return
+                # Closed on the way out (also when this generator is closed at a yield):
+                # that is what cancels the Triton stream, at once rather than whenever
+                # the abandoned generator is collected.
+                async with contextlib.aclosing(
+                    self._responses(inputs, left, final="finish_reason")
+                ) as results:
+                    async for result in results:
+                        answered = True
+                        delta, final = _read(result)
+                        if delta is not None:
+                            yield delta
+                        if final is not None:
+                            yield final
+                            return
             except GatewayError as err:
                 busy = err.code is grpc.StatusCode.FAILED_PRECONDITION and not answered
                 if not busy or time.monotonic() + pause > give_up:

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -273,9 +274,15 @@ class ChatStream:
         """Move the turn's events from Triton to the inbox, at most `turn_buffer` ahead."""
         timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
         try:
-            async for event in self._deps.backend.turn(turn.request, timeout):
-                await turn.room.acquire()
-                await self.inbox.put(FromTurn(turn, event))
+            # aclosing: when this task is cancelled while it waits for room, the turn's
+            # generator is closed here, which cuts its Triton stream (and so the turn on
+            # the model) at once, not when the abandoned generator is collected.
+            async with contextlib.aclosing(
+                self._deps.backend.turn(turn.request, timeout)
+            ) as events:
+                async for event in events:
+                    await turn.room.acquire()
+                    await self.inbox.put(FromTurn(turn, event))
         except GatewayError as err:
             await turn.room.acquire()
             await self.inbox.put(FromTurn(turn, err))

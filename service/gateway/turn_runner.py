@@ -8,6 +8,7 @@ the model stops answering, instead of waiting for responses that never come.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator
 
@@ -95,8 +96,9 @@ class TurnRunner:
         # Unbounded: a turn makes at most max_new_tokens events, and the HTTP side's
         # writes time out for a client that reads nothing.
         try:
-            async for event in self._backend.turn(request):
-                inbox.put_nowait(event)
+            async with contextlib.aclosing(self._backend.turn(request)) as events:
+                async for event in events:
+                    inbox.put_nowait(event)
         except GatewayError as err:
             inbox.put_nowait(err)
 
