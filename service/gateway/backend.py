@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,7 @@ class TritonBackend:
 
     async def turn(
         self, req: TurnRequest, timeout_s: float | None = None
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Run one turn: Delta events, then exactly one Final; GatewayError on failure.
 
         Closing the iterator early (or cancelling the task consuming it) cancels the Triton
@@ -209,7 +209,7 @@ class TritonBackend:
 
     async def _responses(
         self, inputs: list[InferInput], timeout_s: float | None, final: str
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """The responses of one request, up to the one with output `final` (the model
         sets FINAL on it); in-band errors and failed calls as GatewayError.
 
