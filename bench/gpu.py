@@ -454,9 +454,9 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     }
 
 
-def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw, dev) -> dict:
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    g = torch.Generator(device=dev).manual_seed(2)
+def random_llama(shape: Shape, dtype: torch.dtype, dev: torch.device, seed: int = 2) -> Llama:
+    """The shape with random weights (norms 1, the rest N(0, 0.02)), built on `dev`."""
+    g = torch.Generator(device=dev).manual_seed(seed)
     cfg = shape.model_config()
     tensors = {
         name: (
@@ -466,8 +466,12 @@ def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw
         )
         for name, shp in cfg.expected_shapes().items()
     }
-    model = Llama(cfg, tensors, dtype, dev)
-    del tensors
+    return Llama(cfg, tensors, dtype, dev)
+
+
+def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw, dev) -> dict:
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = random_llama(shape, dtype, dev)
     runner = runner_for(model, sessions, window, dev)
     t0s = [100_000 + 37 * i for i in range(sessions)]
     fill_full_caches(runner, t0s, seed=3)

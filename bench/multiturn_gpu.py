@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import LLAMA3_8B, Shape
+from bench.gpu import LLAMA3_8B, Shape, random_llama
 
 CACHE_SINKS, CACHE_WINDOW = 4, 2044
 # A check of the script itself: on the CPU (--smoke), or on the GPU (--shape tiny).
@@ -148,22 +148,11 @@ class SinkserveDriver:
         from service.config import EngineConfig
         from service.engine.cuda_runner import CudaGraphRunner
         from service.engine.engine import Engine
-        from service.engine.model import Llama
         from tests.engine.helpers import synthetic_tokenizer
 
         cuda = not args.smoke
         dev = torch.device("cuda" if cuda else "cpu")
-        dtype = torch.bfloat16 if cuda else torch.float32
-        cfg = shape.model_config()
-        g = torch.Generator(device=dev).manual_seed(2)
-        tensors = {
-            name: torch.ones(shp, dtype=dtype, device=dev)
-            if len(shp) == 1
-            else torch.randn(shp, generator=g, device=dev, dtype=dtype) * 0.02
-            for name, shp in cfg.expected_shapes().items()
-        }
-        model = Llama(cfg, tensors, dtype, dev)
-        del tensors
+        model = random_llama(shape, torch.bfloat16 if cuda else torch.float32, dev)
         window = CACHE_WINDOW if cuda else 60
         self.config = EngineConfig(
             device=str(dev),
