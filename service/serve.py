@@ -35,7 +35,12 @@ def add_serve_parser(
         "beyond loopback it needs --tls-cert/--tls-key or --insecure-plaintext",
     )
     p.add_argument("--port", type=int, default=50051, help="gateway gRPC port")
-    p.add_argument("--metrics-port", type=int, default=9090, help="gateway Prometheus port")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=GatewayConfig.metrics_port,
+        help="gateway Prometheus port (default %(default)s, as in deploy/)",
+    )
     p.add_argument(
         "--http-port",
         type=int,
