@@ -53,7 +53,10 @@ _HTTP_OF: Mapping[grpc.StatusCode, tuple[int, str, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
 _CANCEL_AFTER_S = 1.0  # how long requests cancelled at the end of a stop get to unwind
-_CALLER = "caller"  # request key: the caller, set by the middleware (as are "log", "id")
+# What the middleware sets on every request: its id, its logger and its caller.
+_REQUEST_ID = web.RequestKey("request_id", str)
+_LOG: web.RequestKey[Log] = web.RequestKey("log")
+_CALLER = web.RequestKey("caller", str)
 
 
 def api_error(err: GatewayError) -> ApiError:
@@ -148,7 +151,7 @@ class OpenAIServer:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         log: Log = self._log.bind(request_id=request_id, method=request.method, route=route)
-        request["id"], request["log"] = request_id, log
+        request[_REQUEST_ID], request[_LOG] = request_id, log
         started = time.monotonic()
         self._in_flight += 1
         self._idle.clear()
@@ -158,7 +161,7 @@ class OpenAIServer:
                     503, "the gateway is shutting down", kind="server_error", code="unavailable"
                 )
             request[_CALLER] = self._caller(request)
-            request["log"] = log = log.bind(caller=request[_CALLER])
+            request[_LOG] = log = log.bind(caller=request[_CALLER])
             response = await handler(request)
         except ApiError as err:
             response = self._error_response(err, log)
@@ -250,7 +253,7 @@ class OpenAIServer:
         wire.parse_conversation_create(await _json(request))
         info = await self._backend.call("open", owner=request[_CALLER])
         conversation = wire.conversation_id(info["session_id"])
-        request["log"].info("conversation created", session_id=info["session_id"])
+        request[_LOG].info("conversation created", session_id=info["session_id"])
         return web.json_response(wire.conversation_object(conversation, info))
 
     def _conversation_session(self, conversation: str, param: str | None = None) -> str:
@@ -270,7 +273,7 @@ class OpenAIServer:
         session = self._conversation_session(conversation)
         # A turn running on it is cancelled first (its own request ends normally).
         await self._backend.call("end", session, request[_CALLER])
-        request["log"].info("conversation deleted", session_id=session)
+        request[_LOG].info("conversation deleted", session_id=session)
         return web.json_response(
             {"id": conversation, "object": "conversation.deleted", "deleted": True}
         )
@@ -278,7 +281,7 @@ class OpenAIServer:
     # -- chat completions -------------------------------------------------------------------
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        caller: str = request[_CALLER]
+        caller = request[_CALLER]
         req = wire.parse_chat_completion(await _json(request), request.headers.get("x-session-id"))
         self._check_model(req.model)
         if req.session_id is not None:  # a server-held session: only the new message
@@ -293,7 +296,7 @@ class OpenAIServer:
             session = info["session_id"]
             turn = TurnRequest(session, caller, "", req.sampling, messages=req.messages)
             owned = True
-        log: Log = request["log"].bind(session_id=session)
+        log: Log = request[_LOG].bind(session_id=session)
         completion = _Completion(
             f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), req.model, session
         )
@@ -362,7 +365,7 @@ class OpenAIServer:
     # -- responses --------------------------------------------------------------------------
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
-        caller: str = request[_CALLER]
+        caller = request[_CALLER]
         req = wire.parse_response_request(await _json(request))
         self._check_model(req.model)
         owned = False
@@ -381,7 +384,7 @@ class OpenAIServer:
                 f"the x-session-id header {header!r} does not name this request's session",
                 "x-session-id",
             )
-        log: Log = request["log"].bind(session_id=session)
+        log: Log = request[_LOG].bind(session_id=session)
         if req.instructions and info["turns"]:
             log.info("instructions of a continued conversation ignored (its start keeps them)")
         turn = self._response_turn(session, caller, req, fresh=not info["turns"])
@@ -536,7 +539,7 @@ class OpenAIServer:
         headers = {
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            "x-request-id": request["id"],
+            "x-request-id": request[_REQUEST_ID],
         }
         if session is not None:
             headers["x-session-id"] = session
