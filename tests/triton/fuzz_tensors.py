@@ -56,6 +56,14 @@ from tests.gateway.fuzz_requests import (
 )
 
 MODEL = "sinkserve"
+# Valid values of the `messages` input: conversations the chat template renders.
+HISTORIES = tuple(
+    json.dumps(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p}][-n:]
+    ).encode()
+    for p in PROMPTS[:3]
+    for n in (1, 2)
+)
 # The codes the model's in-band errors may carry (its EngineError codes a well-behaved
 # model gives a bad request). PERMISSION_DENIED: the owner input names another owner; the
 # gateway is the one that must make that look like NOT_FOUND.
@@ -190,6 +198,8 @@ def _values(spec: Spec, limits: TensorLimits) -> st.SearchStrategy[Any]:
             (st.sampled_from([p.encode() for p in PROMPTS]), 6), (strings(4 * limits.window), 2)
         ),
         "system_prompt": strings(4 * limits.window),
+        # A whole conversation instead of text_input: valid histories, or anything.
+        "messages": weighted((st.sampled_from(HISTORIES), 3), (strings(200), 1)),
         "stop_words": strings(60),
         "max_tokens": weighted(
             (small, 6),
@@ -601,8 +611,12 @@ class TensorFuzzer:
         if action in ("turn", "get", "end", "cancel") and (sid is None or sid == (b"",)):
             return f"{action} without a session_id"
         text = self._value(case, "text_input")
-        if action == "turn" and (text is None or text == (b"",)):
-            return "a turn without text_input"
+        has_text = text is not None and text != (b"",)
+        messages = self._value(case, "messages")
+        if messages is not None and (action != "turn" or has_text):
+            return "messages outside a turn, or with text_input"
+        if action == "turn" and not has_text and (messages is None or messages[0] not in HISTORIES):
+            return "a turn without text_input or valid messages"
         return ""
 
     async def _clean(
