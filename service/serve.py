@@ -129,6 +129,9 @@ def main_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         asyncio.run(_run_gateway(config, auth, triton))
+    except OSError as err:  # a port of the gateway already taken
+        print(f"sinkserve serve: {err}", file=sys.stderr)
+        return 2
     finally:
         triton.stop()
     return 0

@@ -94,5 +94,9 @@ def main_gateway(args: argparse.Namespace) -> int:
         await gateway.start()
         await gateway.run_until_signal()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except OSError as err:  # a port already taken
+        print(f"sinkserve gateway: {err}", file=sys.stderr)
+        return 2
     return 0

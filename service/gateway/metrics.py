@@ -94,7 +94,10 @@ class GatewayMetrics:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # probes every fraction of a second: no line each
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as err:  # the port is taken: say which, not a traceback
+            raise OSError(f"cannot listen for metrics on {host}:{port}: {err.strerror}") from None
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="gateway-http", daemon=True).start()
         return server, server.server_port

@@ -114,7 +114,11 @@ class OpenAIServer:
             self._config.http_port,
             ssl_context=_ssl_context(self._config),
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:  # the port is taken: say which, not a traceback
+            where = f"{self._config.host}:{self._config.http_port}"
+            raise OSError(f"cannot listen for HTTP on {where}: {err.strerror}") from None
         port = int(self._runner.addresses[0][1])
         self._log.info("http listening", address=f"{self._config.host}:{port}")
         return port

@@ -61,20 +61,26 @@ class Gateway:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls:
-            self.port = self._server.add_secure_port(address, _server_credentials(self.config))
-        else:  # loopback, or insecure_plaintext behind a TLS proxy (GatewayConfig checks)
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if self.config.tls:
+                creds = _server_credentials(self.config)
+                self.port = self._server.add_secure_port(address, creds)
+            else:  # loopback, or insecure_plaintext behind a TLS proxy (GatewayConfig checks)
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": the port is taken
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}")
+            raise OSError(f"cannot listen for gRPC on {address}")
         await self._set_serving(False)
         await self._server.start()
-        if self.config.metrics_port >= 0:
-            self._metrics_server, self.metrics_port = self.metrics.serve(
-                self.config.host, self.config.metrics_port, lambda: self.serving
-            )
-        if self.http is not None:
-            self.http_port = await self.http.start()
+        try:
+            await self._listen_beside()
+        except OSError:  # a taken port: stop what listens already, then say which
+            await self._server.stop(0)
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            raise
         self._tasks = [
             asyncio.create_task(self._watch_backend()),
             asyncio.create_task(self._watch_tokens()),
@@ -88,6 +94,15 @@ class Gateway:
             metrics_port=self.metrics_port,
             http_port=self.http_port,
         )
+
+    async def _listen_beside(self) -> None:
+        """Start the metrics and HTTP API listeners (OSError when a port is taken)."""
+        if self.config.metrics_port >= 0:
+            self._metrics_server, self.metrics_port = self.metrics.serve(
+                self.config.host, self.config.metrics_port, lambda: self.serving
+            )
+        if self.http is not None:
+            self.http_port = await self.http.start()
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking work, let running turns finish (up to the grace), then stop."""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
+
+import pytest
 
 from service.client import ChatClient, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
@@ -38,3 +41,24 @@ async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_ur
             await proc.wait()
     logs = (await proc.stderr.read()).decode() if proc.stderr else ""
     assert '"event": "gateway stopped"' in logs
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--metrics-port", "--port"])
+async def test_a_port_already_taken_is_a_clear_error_not_a_traceback(flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = {"--port": free_port(), "--metrics-port": -1, "--http-port": -1}
+        ports[flag] = busy
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "service.cli", "gateway",
+            *(str(a) for kv in ports.items() for a in kv),
+            "--triton-url", f"127.0.0.1:{free_port()}", "--no-auth",
+            cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 2, text
+    assert f"127.0.0.1:{busy}" in text and "cannot listen" in text, text
+    assert "Traceback" not in text, text
