@@ -313,8 +313,11 @@ class Tally:
 
     def shed(self, session: int, turns: int, retry_after_s: float, detail: str) -> None:
         self.turns_shed += turns
-        self.log.info("turn shed", session=session, turns=turns, retry_after_s=retry_after_s)
-        self._example(kind="shed", session=session, turns=turns, detail=detail)
+        # Logged, not kept as an example: the examples are for problems, and shed turns
+        # (hundreds on a loaded machine) would crowd them out.
+        self.log.info(
+            "turn shed", session=session, turns=turns, retry_after_s=retry_after_s, detail=detail
+        )
 
     def failed(self, code: str, session: int, lost: int, detail: str, **context: Any) -> None:
         """A call ended with an unexpected status; `lost` turns were in flight on it."""
