@@ -682,14 +682,17 @@ class Engine:
             return self.chat.first_turn(system, prompt)
         return self.chat.next_turn(prompt, prev_finished_with_eos=eos)
 
-    def cancel(self, turn_id: int) -> None:
-        """Cancel a turn; its TurnEnd(CANCELLED) arrives within one step. Unknown or
-        finished turns are ignored (a cancel may race the turn's end)."""
+    def cancel(self, turn_id: int) -> bool:
+        """Cancel a turn; its TurnEnd(CANCELLED) arrives within one step. Returns whether
+        it was running: unknown or finished turns are ignored (a cancel may race the
+        turn's end)."""
         with self._lock:
             turn = self._turns.get(turn_id)
-            if turn is not None:
-                turn.cancelled = True
-                self._wake.notify()
+            if turn is None:
+                return False
+            turn.cancelled = True
+            self._wake.notify()
+            return True
 
     async def generate(
         self,

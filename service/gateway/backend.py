@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -48,6 +49,8 @@ class TurnRequest:
     # A whole conversation ((role, content) pairs) the model's chat template renders as
     # this turn's prompt instead of `text`: only for a new session's first turn.
     messages: tuple[tuple[str, str], ...] | None = None
+    # Names the turn to the model, so that a cancel reaches this turn and no other.
+    turn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ class TritonBackend:
 
     async def call(self, action: str, session_id: str = "", owner: str = "", **fields: Any) -> Any:
         """A session call (open, get, end, cancel, list, ping): the model's JSON answer.
-        `fields` are more inputs: system_prompt (str) and sampling (a Sampling)."""
+        `fields` are more inputs: system_prompt (str), sampling (a Sampling) and turn_id
+        (str)."""
         inputs = [_string("request_type", action), _string("owner", owner)]
         if session_id:
             inputs.append(_string("session_id", session_id))
@@ -136,6 +140,8 @@ class TritonBackend:
             inputs.append(_string("system_prompt", system))
         if (sampling := fields.get("sampling")) is not None:
             inputs += _sampling_inputs(sampling)
+        if turn_id := fields.get("turn_id"):
+            inputs.append(_string("turn_id", turn_id))
         async with contextlib.aclosing(
             self._responses(inputs, 30.0, final="session_info")
         ) as results:
@@ -147,6 +153,12 @@ class TritonBackend:
                     )
                 return json.loads(out.reshape(-1)[0])
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, "Triton closed the stream unanswered")
+
+    async def cancel_turn(self, req: TurnRequest) -> bool:
+        """Cancel this turn on the model: True when it was running there (its own Final
+        follows); False when it had not started (it never will) or had ended."""
+        answer = await self.call("cancel", req.session_id, req.owner, turn_id=req.turn_id)
+        return bool(answer.get("cancelled"))
 
     async def turn(
         self, req: TurnRequest, timeout_s: float | None = None
@@ -167,6 +179,7 @@ class TritonBackend:
             prompt,
             _string("session_id", req.session_id),
             _string("owner", req.owner),
+            _string("turn_id", req.turn_id),
             _tensor("stream", "BOOL", np.array([True])),
             *_sampling_inputs(req.sampling),
         ]

@@ -333,9 +333,9 @@ class ChatStream:
         if turn.cancel_sent:
             return None
         turn.cancel_sent = True
-        answer = await self._deps.backend.call("cancel", self.opened.session_id, self.opened.caller)
+        running = await self._deps.backend.cancel_turn(turn.request)
         finished = turn.task is not None and turn.task.done()  # its real end is queued
-        if answer.get("cancelled") or finished or self.turn is not turn:
+        if running or finished or self.turn is not turn:
             return None
         await self.cut_turn()
         # The session as the model has it (the turn fed nothing there).
@@ -360,13 +360,13 @@ class ChatStream:
             await asyncio.gather(turn.task, return_exceptions=True)
         self._deps.metrics.turns.labels("cancelled").inc()
         # Not awaited: this runs in the `finally` of a stream the client may have cancelled.
-        task = asyncio.create_task(self._tell_cancel(self.opened))
+        task = asyncio.create_task(self._tell_cancel(turn.request))
         self._deps.background.add(task)
         task.add_done_callback(self._deps.background.discard)
 
-    async def _tell_cancel(self, opened: Opened) -> None:
+    async def _tell_cancel(self, request: TurnRequest) -> None:
         try:
-            await self._deps.backend.call("cancel", opened.session_id, opened.caller)
+            await self._deps.backend.cancel_turn(request)
         except GatewayError as err:  # the cut stream cancels it on the model anyway
             self.log.info("cancel not delivered", error=err.message)
 

@@ -108,7 +108,7 @@ class TurnRunner:
 
         async def cancel() -> None:
             try:
-                await self._backend.call("cancel", request.session_id, request.owner)
+                await self._backend.cancel_turn(request)
             except GatewayError as err:
                 self._log.info(
                     "cancel not delivered", session_id=request.session_id, error=err.message

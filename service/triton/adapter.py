@@ -30,6 +30,7 @@ from service.engine.types import (
 
 if TYPE_CHECKING:
     from service.engine.engine import Engine
+    from service.triton.turn_ids import TurnIds
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -47,6 +48,7 @@ USAGE_OUTPUTS = (
 # response (JSON). Sessions are opened, ended, got and listed only by these calls.
 ACTIONS = ("turn", "open", "get", "end", "cancel", "list", "ping")
 _NEEDS_SESSION = ("turn", "get", "end", "cancel")
+MAX_TURN_ID = 128
 # Optional inputs -> the engine's SamplingParams field they set.
 _SAMPLING_INPUTS: tuple[tuple[str, str, type], ...] = (
     ("max_tokens", "max_new_tokens", int),
@@ -83,6 +85,9 @@ class ModelRequest:
     # A whole conversation ((role, content) pairs) the chat template renders as the
     # turn's prompt, instead of `text`: a new session's history sent in one request.
     messages: tuple[tuple[str, str], ...] | None = None
+    # The caller's id of a turn (with `turn`), or of the turn to cancel (with `cancel`):
+    # see `TurnIds`. "" = none (a cancel then applies to the session's running turn).
+    turn_id: str = ""
 
 
 def parse_request(get: GetInput) -> ModelRequest:
@@ -103,6 +108,11 @@ def parse_request(get: GetInput) -> ModelRequest:
     system = _string(get, "system_prompt")
     if system and action != "open":
         raise InvalidRequest("system_prompt is only accepted with request_type open")
+    turn_id = _string(get, "turn_id") or ""
+    if turn_id and action not in ("turn", "cancel"):
+        raise InvalidRequest("turn_id is only accepted with request_type turn or cancel")
+    if len(turn_id) > MAX_TURN_ID:
+        raise InvalidRequest(f"turn_id is {len(turn_id)} characters; the limit is {MAX_TURN_ID}")
     sampling: dict[str, Any] = {}
     for name, key, kind in _SAMPLING_INPUTS:
         if get(name) is not None:
@@ -119,6 +129,7 @@ def parse_request(get: GetInput) -> ModelRequest:
         stream=_scalar(get, "stream", bool, True),
         sampling=sampling,
         messages=messages,
+        turn_id=turn_id,
     )
 
 
@@ -153,7 +164,7 @@ def _messages(get: GetInput) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def run_control(engine: Engine, req: ModelRequest) -> Outputs:
+def run_control(engine: Engine, req: ModelRequest, turns: TurnIds) -> Outputs:
     """Answer a request that is not a turn: the outputs of its one FINAL response."""
     sid, owner = req.session_id, req.owner
     answer: Any
@@ -167,6 +178,9 @@ def run_control(engine: Engine, req: ModelRequest) -> Outputs:
     elif req.action == "end":
         answer = asdict(engine.get_session(sid, owner))
         engine.end_session(sid, owner)
+    elif req.action == "cancel" and req.turn_id:
+        engine.get_session(sid, owner)  # the caller's own session, else NOT_FOUND
+        answer = {"cancelled": turns.cancel(sid, req.turn_id)}
     elif req.action == "cancel":
         answer = {"cancelled": engine.cancel_session(sid, owner)}
     elif req.action == "list":
@@ -425,7 +439,7 @@ class CancelWatcher:
     next turn on the session waits for it (the gateway retries a busy session).
     """
 
-    def __init__(self, cancel: Callable[[int], None], interval_s: float = 0.25):
+    def __init__(self, cancel: Callable[[int], object], interval_s: float = 0.25):
         self._cancel = cancel
         self._interval_s = interval_s
         self._watched: dict[int, tuple[Callable[[], bool], threading.Event]] = {}

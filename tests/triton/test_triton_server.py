@@ -15,6 +15,7 @@ from service.triton.launcher import TritonServer
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?", "And of Italy?"]
 LONG = "Write a long story about a dragon who learns to cook."
+ME = "turn-ids"  # an owner of its own: the per-owner session limit is small here
 
 
 def metric(server: TritonServer, name: str) -> float | None:
@@ -226,3 +227,41 @@ async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_rep
     reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
     assert not reply.error and reply.responses == 1
     assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"
+
+
+async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_feeding(client):
+    """A cut client's cancel may overtake its turn: the turn is refused when it arrives, and
+    its prompt never reaches the session."""
+    await client.open("tomb", owner=ME)
+    before = await client.call("get", "tomb", owner=ME)
+    assert await client.call("cancel", "tomb", owner=ME, turn_id="cut-1") == {"cancelled": False}
+    refused = await client.turn("tomb", QUESTIONS[0], owner=ME, max_tokens=8, turn_id="cut-1")
+    assert refused.error.startswith("CANCELLED"), refused.error
+    assert (await client.call("get", "tomb", owner=ME))["position"] == before["position"]
+    reply = await client.turn("tomb", QUESTIONS[0], owner=ME, max_tokens=8, turn_id="next-1")
+    assert not reply.error and "Paris" in reply.text
+    assert reply.usage["cache_position"] == (
+        before["position"] + reply.usage["prompt_tokens"] + reply.usage["generated_tokens"] - 1
+    )
+    await client.call("end", "tomb", owner=ME)
+
+
+async def test_a_late_cancel_of_an_old_turn_leaves_the_running_turn_alone(client):
+    await client.open("late", owner=ME)
+    first = await client.turn("late", QUESTIONS[0], owner=ME, max_tokens=4, turn_id="old")
+    assert not first.error
+    stream = client.stream(
+        session_id="late", text_input=LONG, owner=ME, max_tokens=48, turn_id="new"
+    )
+    responses = aiter(stream)
+    _, error = await anext(responses)  # "new" runs
+    assert error is None
+    assert await client.call("cancel", "late", owner=ME, turn_id="old") == {"cancelled": False}
+    assert await client.call("cancel", "late", owner=ME, turn_id="new") == {"cancelled": True}
+    final = None
+    async for result, error in responses:
+        assert error is None
+        if result.as_numpy("finish_reason") is not None:
+            final = result.as_numpy("finish_reason")[0]
+    assert final == b"cancelled"
+    await client.call("end", "late", owner=ME)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from service.triton.adapter import (
 from service.triton.handoff import Handoff
 from service.triton.metrics import EngineMetrics
 from service.triton.settings import kv_fingerprint, parse_parameters
+from service.triton.turn_ids import TurnIds
 
 log = structlog.get_logger("sinkserve.triton")
 
@@ -64,6 +66,7 @@ class TritonPythonModel:
         self.import_error = ""
         threading.Thread(target=self._take_over, name="sinkserve-handoff", daemon=True).start()
         self.watcher = CancelWatcher(self.engine.cancel)
+        self.turns = TurnIds(self.engine.cancel)
         self.sends = SendQueue()  # responses leave from their own thread, not the engine's
         self.pacer = StreamPacer(self.settings.stream_responses_per_s)
         # Starting a turn reads and writes the store (its claim), and may wait out the lease
@@ -153,16 +156,10 @@ class TritonPythonModel:
     def _run(self, request: Any, req: ModelRequest, responder: TurnResponder) -> None:
         try:
             if req.action != "turn":
-                responder.reply(run_control(self.engine, req))
+                responder.reply(run_control(self.engine, req, self.turns))
                 return
-            turn_id = self.engine.submit(
-                req.session_id,
-                turn_prompt(self.engine, req),
-                req.sampling,
-                responder.on_events,
-                raw=req.raw,
-                owner=req.owner,
-            )
+            # A turn cut while it waited here must not start: its client has moved on.
+            turn_id = None if request.is_cancelled() else self._submit(req, responder)
         except EngineError as exc:
             responder.fail(exc.code, str(exc))
             return
@@ -170,8 +167,26 @@ class TritonPythonModel:
             log.exception("request failed", action=req.action, session_id=req.session_id)
             responder.fail("INTERNAL", f"{type(exc).__name__}: {exc}")
             return
+        if turn_id is None:
+            responder.fail("CANCELLED", "the turn was cancelled before it started")
+            return
         gone = responder.abandoned
         self.watcher.watch(turn_id, lambda: gone.is_set() or request.is_cancelled(), responder.done)
+
+    def _submit(self, req: ModelRequest, responder: TurnResponder) -> int | None:
+        """The engine's id of the turn, or None when a cancel by its turn_id came first."""
+        submit = partial(
+            self.engine.submit,
+            req.session_id,
+            turn_prompt(self.engine, req),
+            req.sampling,
+            responder.on_events,
+            raw=req.raw,
+            owner=req.owner,
+        )
+        if not req.turn_id:
+            return submit()
+        return self.turns.start(req.session_id, req.turn_id, submit)
 
     def finalize(self) -> None:
         """Triton calls this once no request is in flight (or its exit timeout passed): stop
