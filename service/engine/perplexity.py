@@ -70,7 +70,7 @@ def streaming_nll(
     `rebuild_every` > 0: after every that many tokens fed, slot 0 is refilled from the ids
     it holds (`rebuild`), as a session imported without its KV is; 0 = never."""
     runner.clear(0)
-    inputs = torch.tensor(tokens, dtype=torch.long)
+    inputs = torch.tensor(tokens, dtype=torch.long, device=runner.model.device)
     n = len(tokens) - 1
     nll = torch.empty(n, dtype=torch.float64)
     rss: list[float] = []
@@ -81,8 +81,8 @@ def streaming_nll(
             end = min(end, (start // rebuild_every + 1) * rebuild_every)
         piece = tokens[start:end]
         logits = runner.logits([StepItem(0, piece, start, True, all_logits=True)])
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        nll[start:end] = -logp.gather(1, inputs[start + 1 : end + 1, None]).squeeze(1)
+        logp = torch.log_softmax(logits.double(), dim=-1)  # on the model's device
+        nll[start:end] = -logp.gather(1, inputs[start + 1 : end + 1, None]).squeeze(1).cpu()
         if end // 1000 > len(rss):
             rss.append(rss_mb())
         on_progress(len(piece))
