@@ -246,10 +246,6 @@ class HostSlot:
     v: torch.Tensor
     kpos: torch.Tensor  # [C]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kpos))
-
 
 @dataclass
 class CacheEntries:
