@@ -73,8 +73,6 @@ class Shape:
             max_position=4096,
             tie_embeddings=False,
             qkv_bias=False,
-            bos_id=None,
-            eos_ids=(),
         )
 
 

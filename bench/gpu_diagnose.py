@@ -1,13 +1,11 @@
 """Which part of the CUDA runner breaks bench/gpu.py's device correctness? (one JSON object)
 
-    python3 bench/gpu_diagnose.py [--old PATH_TO_main_sink_attention.py]
+    python3 bench/gpu_diagnose.py [--old PATH_TO_another_sink_attention.py]
 
 Runs bench/gpu.py's `engine_vs_oracle` on the GPU under a matrix of switches: CUDA graphs
-on/off, the Triton GEMV on/off, and (with --old) main's two-launch attention kernel in
-place of the one-launch kernel. Seen on branch cuda2 (H200): graphs on with the new
-attention gave rel_err_median 1.0 (GEMV on or off), everything else passed. The cause:
-the graphs kept the address of a counters tensor that only the discarded capture closure
-referenced; its memory went to other tensors. The runner now owns it.
+on/off, the Triton GEMV on/off, and (with --old) another version's attention kernel in
+place of this one. A case whose rel_err_median is far above the others' names the part
+that breaks (for example, graphs that keep the address of a tensor nothing else owns).
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def main() -> None:
         offset, usage = fill(engine, sid, ids, args.fill_position, args.fill_turn_tokens)
         prompt = ids[offset : offset + args.prompt_tokens]
         # A full cache whose window has rolled: the rebuild recomputes all of it.
-        assert usage.cached_tokens == config.cache_len and usage.evicted_tokens > 0, usage
+        full = config.sinks + config.window
+        assert usage.cached_tokens == full and usage.evicted_tokens > 0, usage
         timed_turn(engine, sid, prompt, args.new_tokens)  # warm-up pair
         rebuild_from_ids(engine, sid)
         timed_turn(engine, sid, prompt, args.new_tokens)

@@ -1,4 +1,4 @@
-"""Engine benchmark for issue 2: flat memory over a long stream, and per-turn cost.
+"""Engine benchmark: flat memory over a long stream, and per-turn cost.
 
 1. Streams `--stream-tokens` tokens through one session (turns of raw text chunks, each
    generating a few tokens) and records RSS after every turn: RSS at the end must stay

@@ -97,11 +97,6 @@ class EngineConfig:
         """The most tokens one turn or system prompt may have."""
         return self.max_prompt_tokens or self.window
 
-    @property
-    def cache_len(self) -> int:
-        """Keys a session keeps: sinks plus window."""
-        return self.sinks + self.window
-
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EngineConfig:
         """Build from string-ish values (config.pbtxt parameters, env, CLI), strictly."""

@@ -63,7 +63,7 @@ def decode_tuning(
 ) -> DecodeTuning:
     """`gemv`: batch-1 steps run the layer projections through the Triton GEMV (SiLU fused
     into the down projection) instead of cuBLAS, closer to copy bandwidth on an H200
-    (branch cuda2's bench/gpu_sweep.py). `pdl`: each Triton kernel may launch while its
+    (bench/results/gpu-nvidia-h200.json). `pdl`: each Triton kernel may launch while its
     predecessor runs and read its weights (attention: its first K/V tile) before waiting
     for it (see `fused_ops`), which hides the gap between a step's ~200 kernels."""
     attn = attention_config(rows, kv_heads, group, window, sm_count)

@@ -150,7 +150,7 @@ def _gemv_kernel(
 
 def gemv_config(n_out: int, k_in: int, silu: bool) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_warps, num_stages) by weight shape: the fastest of a grid on
-    an H200 for the 7B and 8B projections (branch cuda2's bench/gpu_sweep.py)."""
+    an H200 for the 7B and 8B projections."""
     if silu:
         return 8, 1024, 4, 3
     if n_out * k_in <= 4096 * 4096:

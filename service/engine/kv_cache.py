@@ -25,21 +25,19 @@ class DecodePlan:
     slot_range: tuple[int, int] | None  # set when slots are consecutive: gather is a view
     length: int  # cache entries [0, length) hold every key of the group's sessions
     bias: torch.Tensor  # [B, 1, 1, length + 1] float32 0 / -inf: cache keys, then its own
-    write_index: torch.Tensor  # [B]
-    flat_index: torch.Tensor  # [B * kv_heads]: rows of k[layer].view(-1, head_dim) written
 
 
 @dataclass
-class ChunkPlan:
-    """A prefill chunk of one session, rows [row_start, row_end)."""
+class ChunkGroup:
+    """Prefill chunks of one length L, of B sessions, attended as one batch: a step's
+    chunks cost a few operations per layer, not a few per chunk per layer."""
 
-    row_start: int
-    row_end: int
-    slot: int
-    mask: torch.Tensor  # [L, C + L]: cache keys, then the chunk's keys
-    new_sink_cols: torch.Tensor | None  # [L] chunk keys that are sinks (first chunk only)
-    write_rows: torch.Tensor  # chunk rows that stay in the cache
-    write_index: torch.Tensor  # their cache indexes
+    rows: torch.Tensor  # [B * L] the chunks' rows of the step, chunk after chunk
+    slots: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, 1, 1, L, C + L]: cache keys, then the chunk's keys
+    # [B, 1, 1, 1, L] chunk keys that are sinks, set when some chunk holds its session's
+    # first tokens and reaches past the cache (its later queries see them as sinks).
+    new_sink_cols: torch.Tensor | None
 
 
 @dataclass
@@ -48,8 +46,15 @@ class StepPlan:
     positions: torch.Tensor  # [T] absolute
     cache_positions: torch.Tensor  # [T] min(position, S + W): the query's place in the cache
     decode: DecodePlan | None
-    chunks: list[ChunkPlan]
+    chunks: list[ChunkGroup]
     logit_rows: torch.Tensor  # rows whose logits are returned, in item order
+    # The keys that stay in the cache: rows of the step, their slots and cache indexes,
+    # and the rows of k[layer].view(-1, head_dim) they go to ([R * kv_heads]). No two
+    # target the same entry (each slot is in a step once; a chunk keeps distinct ones).
+    write_rows: torch.Tensor  # [R]
+    write_slots: torch.Tensor  # [R]
+    write_index: torch.Tensor  # [R]
+    write_flat: torch.Tensor  # [R * kv_heads]
 
 
 class KVCache:
@@ -97,8 +102,9 @@ class KVCache:
         )
 
     def plan(self, items: Sequence[StepItem]) -> StepPlan:
-        """Lay out a step: single-token items first (one batched decode group), then chunks.
-        Masks are built once here and shared by all layers. Each slot appears at most once."""
+        """Lay out a step: single-token items first (one batched decode group), then chunks
+        (grouped by length). Masks are built once here and shared by all layers. Each slot
+        appears at most once."""
         dev = self.device
         singles = [it for it in items if len(it.tokens) == 1]
         chunks = [it for it in items if len(it.tokens) > 1]
@@ -107,59 +113,20 @@ class KVCache:
         positions = torch.tensor(
             [it.start + i for it in ordered for i in range(len(it.tokens))], dtype=torch.long
         ).to(dev)
-        limit = self.sinks + self.window
-        decode = None
-        if singles:
-            slots_list = [it.slot for it in singles]
-            slots = torch.tensor(slots_list, dtype=torch.long).to(dev)
-            b = len(singles)
-            q = positions[:b, None]
-            # A session at position p holds keys at cache entries [0, min(p, S + W)).
-            length = max(1, min(limit, max(it.start for it in singles)))
-            own = torch.ones(b, 1, dtype=torch.bool, device=dev)
-            mask = torch.cat([self.visible(self.kpos[slots, :length], q), own], dim=1)
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
-            bias.masked_fill_(~mask, float("-inf"))
-            first = slots_list[0]
-            consecutive = slots_list == list(range(first, first + b))
-            write_index = self.cache_index(positions[:b])
-            heads = torch.arange(self.num_kv_heads, device=dev)
-            flat = (slots[:, None] * self.num_kv_heads + heads) * limit + write_index[:, None]
-            decode = DecodePlan(
-                num_rows=b,
-                slots=slots,
-                slot_range=(first, first + b) if consecutive else None,
-                length=length,
-                bias=bias[:, None, None, :],
-                write_index=write_index,
-                flat_index=flat.flatten(),
-            )
-        chunk_plans = []
+        decode = self._decode_plan(singles, positions) if singles else None
+        writes: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, slots) of kept keys
+        if decode is not None:
+            writes.append((torch.arange(len(singles), device=dev), decode.slots))
+        by_length: dict[int, list[tuple[int, StepItem]]] = {}
         row = len(singles)
         for it in chunks:
-            n = len(it.tokens)
-            pos = positions[row : row + n]
-            q = pos[:, None]
-            cache_mask = self.visible(self.kpos[it.slot][None, :], q)
-            new_mask = (pos[None, :] <= q) & (
-                (pos[None, :] < self.sinks) | (pos[None, :] >= q - self.window)
-            )
-            end = it.start + n
-            has_sinks = it.start < self.sinks and end > limit
-            keep = (pos < self.sinks) | (pos >= end - self.window)
-            rows = keep.nonzero().flatten()
-            chunk_plans.append(
-                ChunkPlan(
-                    row_start=row,
-                    row_end=row + n,
-                    slot=it.slot,
-                    mask=torch.cat([cache_mask, new_mask], dim=1),
-                    new_sink_cols=(pos < self.sinks) if has_sinks else None,
-                    write_rows=rows,
-                    write_index=self.cache_index(pos[rows]),
-                )
-            )
-            row += n
+            by_length.setdefault(len(it.tokens), []).append((row, it))
+            row += len(it.tokens)
+        groups = []
+        for members in by_length.values():
+            group, kept = self._chunk_group(members, positions)
+            groups.append(group)
+            writes += kept
         rows_of, row = {}, 0
         for it in ordered:
             n = len(it.tokens)
@@ -167,14 +134,82 @@ class KVCache:
             row += n
         # In the caller's item order.
         logit_rows = [r for it in items if it.want_logits for r in rows_of[id(it)]]
+        write_rows = torch.cat([rows for rows, _ in writes])
+        write_slots = torch.cat([slots for _, slots in writes])
+        write_index = self.cache_index(positions[write_rows])
+        heads = torch.arange(self.num_kv_heads, device=dev)
+        limit = self.sinks + self.window
+        flat = (write_slots[:, None] * self.num_kv_heads + heads) * limit + write_index[:, None]
         return StepPlan(
             tokens=torch.tensor(tokens, dtype=torch.long).to(dev),
             positions=positions,
             cache_positions=positions.clamp(max=limit),
             decode=decode,
-            chunks=chunk_plans,
+            chunks=groups,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long).to(dev),
+            write_rows=write_rows,
+            write_slots=write_slots,
+            write_index=write_index,
+            write_flat=flat.flatten(),
         )
+
+    def _decode_plan(self, singles: list[StepItem], positions: torch.Tensor) -> DecodePlan:
+        dev = self.device
+        slots_list = [it.slot for it in singles]
+        slots = torch.tensor(slots_list, dtype=torch.long).to(dev)
+        b = len(singles)
+        q = positions[:b, None]
+        # A session at position p holds keys at cache entries [0, min(p, S + W)).
+        length = max(1, min(self.sinks + self.window, max(it.start for it in singles)))
+        own = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        mask = torch.cat([self.visible(self.kpos[slots, :length], q), own], dim=1)
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
+        bias.masked_fill_(~mask, float("-inf"))
+        first = slots_list[0]
+        consecutive = slots_list == list(range(first, first + b))
+        return DecodePlan(
+            num_rows=b,
+            slots=slots,
+            slot_range=(first, first + b) if consecutive else None,
+            length=length,
+            bias=bias[:, None, None, :],
+        )
+
+    def _chunk_group(
+        self, members: list[tuple[int, StepItem]], positions: torch.Tensor
+    ) -> tuple[ChunkGroup, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The group of equal-length chunks (first row, item), and the (rows, slots) of
+        the keys each keeps."""
+        limit = self.sinks + self.window
+        masks, sink_cols, kept, all_rows = [], [], [], []
+        any_sinks = False
+        for row, it in members:
+            n = len(it.tokens)
+            rows = torch.arange(row, row + n, device=self.device)
+            pos = positions[row : row + n]
+            q = pos[:, None]
+            cache_mask = self.visible(self.kpos[it.slot][None, :], q)
+            new_mask = (pos[None, :] <= q) & (
+                (pos[None, :] < self.sinks) | (pos[None, :] >= q - self.window)
+            )
+            masks.append(torch.cat([cache_mask, new_mask], dim=1))
+            end = it.start + n
+            has_sinks = it.start < self.sinks and end > limit
+            any_sinks |= has_sinks
+            none = torch.zeros(n, dtype=torch.bool, device=self.device)
+            sink_cols.append(pos < self.sinks if has_sinks else none)
+            keep = (pos < self.sinks) | (pos >= end - self.window)
+            kept_rows = rows[keep]
+            kept.append((kept_rows, torch.full_like(kept_rows, it.slot)))
+            all_rows.append(rows)
+        new_sinks = torch.stack(sink_cols)[:, None, None, None, :] if any_sinks else None
+        group = ChunkGroup(
+            rows=torch.cat(all_rows),
+            slots=torch.tensor([it.slot for _, it in members], device=self.device),
+            mask=torch.stack(masks)[:, None, None],
+            new_sink_cols=new_sinks,
+        )
+        return group, kept
 
     def gather(self, layer: int, plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [B, kv_heads, length, hd] of the decode group's slots (a view when the
@@ -187,23 +222,14 @@ class KVCache:
 
     def write(self, layer: int, plan: StepPlan, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's rotated keys and values (after the layer's attention read)."""
-        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)  # the cache's dtype
-        if plan.decode is not None:
-            d, hd = plan.decode, self.head_dim
-            self.k[layer].view(-1, hd).index_copy_(0, d.flat_index, k[: d.num_rows].reshape(-1, hd))
-            self.v[layer].view(-1, hd).index_copy_(0, d.flat_index, v[: d.num_rows].reshape(-1, hd))
-        for c in plan.chunks:
-            rows = c.write_rows + c.row_start
-            self.k[layer][c.slot][:, c.write_index] = k[rows].transpose(0, 1)
-            self.v[layer][c.slot][:, c.write_index] = v[rows].transpose(0, 1)
+        hd = self.head_dim
+        for src, cache in ((k, self.k[layer]), (v, self.v[layer])):
+            rows = src[plan.write_rows].to(cache.dtype).reshape(-1, hd)  # the cache's dtype
+            cache.view(-1, hd).index_copy_(0, plan.write_flat, rows)
 
     def commit_positions(self, plan: StepPlan) -> None:
         """Record the step's positions once every layer has written."""
-        if plan.decode is not None:
-            d = plan.decode
-            self.kpos[d.slots, d.write_index] = plan.positions[: d.num_rows]
-        for c in plan.chunks:
-            self.kpos[c.slot, c.write_index] = plan.positions[c.write_rows + c.row_start]
+        self.kpos[plan.write_slots, plan.write_index] = plan.positions[plan.write_rows]
 
     def entries(self, slots: torch.Tensor, index: torch.Tensor) -> CacheEntries:
         """A copy of cache entry index[i] of slot slots[i] in every layer, and its position."""
@@ -245,10 +271,6 @@ class HostSlot:
     k: torch.Tensor  # [layers, kv_heads, C, hd]
     v: torch.Tensor
     kpos: torch.Tensor  # [C]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kpos))
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from service.config import QUANTS
-from service.engine.kv_cache import ChunkPlan, DecodePlan, KVCache, StepPlan
+from service.engine.kv_cache import ChunkGroup, DecodePlan, KVCache, StepPlan
 from service.engine.quant import (
     AMX_DENSE,
     PLAIN_DENSE,
@@ -150,20 +150,19 @@ class Llama:
             rot = torch.addcmul(qk * cos, swapped, sin)  # [2, T, nH + nKV, hd]
             q_abs, k, q_sink = rot[0, :, :nh], rot[0, :, nh:], rot[1, :, :nh]
             v = qkv[:, (nh + nkv) * hd :].unflatten(1, (nkv, hd))
-            parts = []  # rows in plan order: the decode group, then each chunk
-            if plan.decode is not None:
-                rows = slice(0, plan.decode.num_rows)
-                parts.append(
-                    _decode_attention(
+            if plan.decode is not None and not plan.chunks:
+                attn = _decode_attention(kv, li, plan.decode, q_abs, q_sink, k, v)
+            else:
+                attn = torch.empty_like(q_abs)
+                if plan.decode is not None:
+                    rows = slice(0, plan.decode.num_rows)
+                    attn[rows] = _decode_attention(
                         kv, li, plan.decode, q_abs[rows], q_sink[rows], k[rows], v[rows]
                     )
-                )
-            for chunk in plan.chunks:
-                rows = slice(chunk.row_start, chunk.row_end)
-                parts.append(
-                    _chunk_attention(kv, li, chunk, q_abs[rows], q_sink[rows], k[rows], v[rows])
-                )
-            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+                for group in plan.chunks:
+                    r = group.rows
+                    out = _chunk_attention(kv, li, group, q_abs[r], q_sink[r], k[r], v[r])
+                    attn.index_copy_(0, r, out)
             kv.write(li, plan, k, v)
             x = x + linear(attn.reshape(-1, nh * hd), layer.wo)
             h = F.rms_norm(x, width, layer.ffn_norm, cfg.rms_eps).to(dt)
@@ -219,31 +218,37 @@ def _decode_attention(
 def _chunk_attention(
     kv: KVCache,
     layer: int,
-    plan: ChunkPlan,
+    group: ChunkGroup,
     q_abs: torch.Tensor,
     q_sink: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
 ) -> torch.Tensor:
-    """A prefill chunk of L tokens of one session: keys = its cache + the chunk itself."""
+    """B prefill chunks of L tokens, one session each: keys = the session's cache + its
+    chunk. Rows chunk after chunk, [B * L, heads, hd] in and out."""
+    b = group.slots.shape[0]
     n, nh, hd = q_abs.shape
-    nkv = k_new.shape[1]
+    length, nkv = n // b, k_new.shape[1]
     g = nh // nkv
-    kc, vc = kv.k[layer][plan.slot], kv.v[layer][plan.slot]  # [nKV, C, hd]
+    kc, vc = kv.k[layer][group.slots], kv.v[layer][group.slots]  # [B, nKV, C, hd]
     dt = kc.dtype  # the math runs in the cache's dtype
-    keys = torch.cat([kc, k_new.to(dt).transpose(0, 1)], dim=1)[:, None]  # [nKV, 1, C + L, hd]
-    vals = torch.cat([vc, v_new.to(dt).transpose(0, 1)], dim=1)[:, None]
-    qa = q_abs.to(dt).reshape(n, nkv, g, hd).permute(1, 2, 0, 3)  # [nKV, g, L, hd]
-    qs = q_sink.to(dt).reshape(n, nkv, g, hd).permute(1, 2, 0, 3)
-    scores = qa @ keys.transpose(-1, -2)  # [nKV, g, L, C + L]
+
+    def chunked(t: torch.Tensor, heads: int) -> torch.Tensor:  # -> [B, heads, L, hd]
+        return t.to(dt).view(b, length, heads, hd).transpose(1, 2)
+
+    keys = torch.cat([kc, chunked(k_new, nkv)], dim=2)[:, :, None]  # [B, nKV, 1, C + L, hd]
+    vals = torch.cat([vc, chunked(v_new, nkv)], dim=2)[:, :, None]
+    qa = chunked(q_abs, nh).unflatten(1, (nkv, g))  # [B, nKV, g, L, hd]
+    qs = chunked(q_sink, nh).unflatten(1, (nkv, g))
+    scores = qa @ keys.transpose(-1, -2)  # [B, nKV, g, L, C + L]
     if kv.sinks:
-        scores[..., : kv.sinks] = qs @ kc[:, None, : kv.sinks].transpose(-1, -2)
-    if plan.new_sink_cols is not None:
-        # The chunk holds the session's first tokens (its sinks): queries past the window
+        scores[..., : kv.sinks] = qs @ kc[:, :, None, : kv.sinks].transpose(-1, -2)
+    if group.new_sink_cols is not None:
+        # A chunk holds its session's first tokens (its sinks): queries past the window
         # must see them at their cache distance too.
-        c = kc.shape[1]
+        c = kc.shape[2]
         sink_scores = qs @ keys[..., c:, :].transpose(-1, -2)
-        scores[..., c:] = torch.where(plan.new_sink_cols, sink_scores, scores[..., c:])
-    p = _softmax(scores, plan.mask, dt)
-    out = p @ vals  # [nKV, g, L, hd]
-    return out.permute(2, 0, 1, 3).reshape(n, nh, hd).to(q_abs.dtype)
+        scores[..., c:] = torch.where(group.new_sink_cols, sink_scores, scores[..., c:])
+    p = _softmax(scores, group.mask, dt)
+    out = p @ vals  # [B, nKV, g, L, hd]
+    return out.flatten(1, 2).transpose(1, 2).reshape(n, nh, hd).to(q_abs.dtype)

@@ -13,14 +13,12 @@ from typing import Protocol
 
 import torch
 
-from service.config import EngineConfig
+from service.config import DTYPES, EngineConfig
 from service.engine.cpu_decode import FusedDecode
 from service.engine.kv_cache import HostSlot, KVCache
 from service.engine.model import Llama
 from service.engine.sampler import SampleRow, sample
 from service.engine.scheduler import StepItem
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Runner(Protocol):
@@ -100,4 +98,9 @@ class TorchRunner:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
+    """The torch dtype of one of the config's `DTYPES` names."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} must be one of {', '.join(DTYPES)}")
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype

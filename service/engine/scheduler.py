@@ -198,7 +198,7 @@ class Scheduler:
                         victim.slot = None
                         self.slots.free(slot)
                 if self.slots.can_allocate():
-                    s.slot = self.slots.allocate(s.session_id)
+                    s.slot = self.slots.allocate()
                     if s.host is not None:
                         plan.swap_in.append((s, s.slot))
                     else:

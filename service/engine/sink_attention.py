@@ -307,8 +307,8 @@ def _decode_kernel(
 def attention_config(
     rows: int, kv_heads: int, group: int, window: int, sm_count: int
 ) -> AttnConfig:
-    """Launch shape for a batch of `rows` (measured on an H200 with branch cuda2's
-    bench/gpu_sweep.py).
+    """Launch shape for a batch of `rows` (the fastest of a grid measured on an H200; the
+    sweep's figures are in bench/results/gpu-attention-sweep-nvidia-h200.json).
 
     Small batches split the window so that rows * kv_heads * splits covers the SMs about
     four times over; large ones still take at least two splits (8B shape, 64 rows: two

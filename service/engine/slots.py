@@ -1,4 +1,5 @@
-"""Slot bookkeeping: which session owns which KV slot. Speaks only ids (no torch)."""
+"""Slot bookkeeping: which KV slot ids are free. Speaks only ids (no torch); the session
+that holds a slot records it (`Session.slot`), so the owner is kept in one place."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ class SlotManager:
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self._free = set(range(num_slots))
-        self._owner: dict[int, str] = {}
 
     @property
     def num_free(self) -> int:
@@ -20,17 +20,12 @@ class SlotManager:
     def can_allocate(self) -> bool:
         return bool(self._free)
 
-    def allocate(self, owner: str) -> int:
+    def allocate(self) -> int:
         slot = min(self._free)
         self._free.remove(slot)
-        self._owner[slot] = owner
         return slot
 
     def free(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"slot {slot} is already free")
-        del self._owner[slot]
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in use")
         self._free.add(slot)
-
-    def owner(self, slot: int) -> str | None:
-        return self._owner.get(slot)

@@ -47,8 +47,6 @@ class ModelConfig:
     max_position: int  # the context length the model was trained for
     tie_embeddings: bool  # lm_head is `embed`; no `lm_head` tensor is returned
     qkv_bias: bool  # `layers.{i}.bq/bk/bv` exist (Qwen2)
-    bos_id: int | None
-    eos_ids: tuple[int, ...]  # the end ids the checkpoint declares (see Tokenizer.eos_ids)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor a loaded checkpoint holds, no more, no less."""
@@ -204,9 +202,6 @@ def _gguf_config(reader: GGUFReader, arch: str) -> ModelConfig:
     scaling_kind = meta("rope.scaling.type", "none")
     if scaling_kind not in ("none", "linear"):
         raise ValueError(f"unsupported GGUF rope scaling {scaling_kind!r}")
-    eos_ids = (
-        gguf_field(reader, f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")
-    )
     return ModelConfig(
         vocab_size=int(tensors["token_embd.weight"].shape[1]),  # GGUF shapes are [in, out]
         hidden_size=hidden,
@@ -225,8 +220,6 @@ def _gguf_config(reader: GGUFReader, arch: str) -> ModelConfig:
         max_position=int(meta("context_length")),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_id=gguf_field(reader, "tokenizer.ggml.bos_token_id", None),
-        eos_ids=tuple(dict.fromkeys(int(i) for i in eos_ids if i is not None)),
     )
 
 
@@ -276,7 +269,7 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, Weights]:
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head" not in weights
     if tied:
         weights.pop("lm_head", None)
-    return _hf_config(cfg, path, tied=tied, qkv_bias="layers.0.bq" in weights), weights
+    return _hf_config(cfg, tied=tied, qkv_bias="layers.0.bq" in weights), weights
 
 
 def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -302,16 +295,8 @@ def _hf_name(name: str) -> str:
     raise ValueError(f"unexpected tensor {name!r}")
 
 
-def _hf_config(cfg: Mapping[str, Any], path: Path, *, tied: bool, qkv_bias: bool) -> ModelConfig:
+def _hf_config(cfg: Mapping[str, Any], *, tied: bool, qkv_bias: bool) -> ModelConfig:
     hidden, num_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    eos: list[int] = []
-    sources = [cfg]
-    generation = path / "generation_config.json"
-    if generation.is_file():
-        sources.append(json.loads(generation.read_text()))
-    for source in sources:
-        value = source.get("eos_token_id")
-        eos += [] if value is None else [value] if isinstance(value, int) else list(value)
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=hidden,
@@ -326,8 +311,6 @@ def _hf_config(cfg: Mapping[str, Any], path: Path, *, tied: bool, qkv_bias: bool
         max_position=int(cfg["max_position_embeddings"]),
         tie_embeddings=tied,
         qkv_bias=qkv_bias,
-        bos_id=cfg.get("bos_token_id"),
-        eos_ids=tuple(dict.fromkeys(int(i) for i in eos)),
     )
 
 

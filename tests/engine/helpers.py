@@ -49,8 +49,6 @@ def tiny_model(
         max_position=64,
         tie_embeddings=False,
         qkv_bias=qkv_bias,
-        bos_id=None,
-        eos_ids=(),
     )
     t = {"embed": rnd(vocab, h, scale=1.0), "norm": 1 + rnd(h, scale=0.1)}
     t["lm_head"] = rnd(vocab, h, scale=0.3)

@@ -11,6 +11,7 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 
 from service.engine.gguf_file import open_gguf
+from service.engine.tokenizer import Tokenizer
 from service.engine.weights import (
     ModelConfig,
     RopeScaling,
@@ -148,7 +149,7 @@ def test_hf_dir_and_gguf_of_the_same_weights_load_to_the_same_tensors(
 
     assert hf_config == gguf_config
     assert hf_config.qkv_bias is qkv_bias and hf_config.tie_embeddings is tied
-    assert hf_config.head_dim == HEAD_DIM and hf_config.eos_ids == (2,)
+    assert hf_config.head_dim == HEAD_DIM
     assert hf.keys() == gg.keys() == hf_config.expected_shapes().keys()
     for name in hf:
         assert torch.equal(hf[name], gg[name]), name
@@ -157,7 +158,7 @@ def test_hf_dir_and_gguf_of_the_same_weights_load_to_the_same_tensors(
     )
 
 
-def test_hf_config_reads_llama3_rope_scaling_head_dim_and_generation_eos(tmp_path: Path) -> None:
+def test_hf_config_reads_llama3_rope_scaling_and_head_dim(tmp_path: Path) -> None:
     config = TINY | {
         "model_type": "llama",
         "head_dim": HEAD_DIM,
@@ -170,10 +171,8 @@ def test_hf_config_reads_llama3_rope_scaling_head_dim_and_generation_eos(tmp_pat
         },
     }
     path = write_hf_dir(tmp_path / "hf", hf_tensors(qkv_bias=False, tied=True), config)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     loaded, _ = load_checkpoint(path)
     assert loaded.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 128)
-    assert loaded.eos_ids == (2, 5)
     assert loaded.tie_embeddings
 
 
@@ -207,7 +206,8 @@ def test_the_default_smollm2_gguf_loads_with_its_known_config(
     assert config.rope_theta == 100000.0 and config.rope_scaling is None
     assert config.max_position == 8192 and config.vocab_size == 49152
     assert config.tie_embeddings and "lm_head" not in weights and not config.qkv_bias
-    assert config.bos_id == 1 and config.eos_ids == (2,)
+    tokenizer = Tokenizer.load(default_model_path())  # the one reader of BOS and EOS ids
+    assert tokenizer.bos_id == 1 and 2 in tokenizer.eos_ids
     assert weights["layers.29.wk"].shape == (192, 576)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
 
