@@ -28,6 +28,7 @@ from service.gateway.errors import GatewayError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.quotas import CallerQuotas
 from service.gateway.stream import (
+    CLIENT_GONE,
     DRAIN,
     ChatStream,
     Opened,
@@ -95,6 +96,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         caller = await self._caller(context)
         log = self._log.bind(rpc="Chat", request_id=secrets.token_hex(8), caller=caller)
         stream = ChatStream(self._deps, context, log, _deadline(context))
+        context.add_done_callback(lambda _: stream.inbox.put_nowait(CLIENT_GONE))
         reader = asyncio.create_task(read_requests(request_iterator, stream.inbox))
         counted = False
         try:

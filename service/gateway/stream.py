@@ -52,6 +52,10 @@ class Signal:
 
 REQUESTS_DONE = Signal("requests-done")  # the client half-closed
 DRAIN = Signal("drain")  # the server is shutting down
+# The call is over (the client cancelled it or went away): its turn must stop now. The
+# request reader alone does not tell: on a cancelled call it may just end, like a
+# half-close, and the turn would run on until its next write failed.
+CLIENT_GONE = Signal("client-gone")
 
 
 @dataclass(eq=False)
@@ -151,6 +155,8 @@ class ChatStream:
                 self._closing = True
             elif item is DRAIN:
                 self._draining = True
+            elif item is CLIENT_GONE:
+                return
             elif isinstance(item, FromTurn):
                 await self._on_turn_event(item)
             if self.turn is None and await self._done():
@@ -355,14 +361,16 @@ class ChatStream:
         turn = self.turn
         assert turn is not None and self.opened is not None
         self._end_turn()
+        # First, and not awaited (this runs in the `finally` of a stream the client may
+        # have cancelled): the cancel names the turn, so it holds even if the turn's
+        # request reaches the model after it.
+        task = asyncio.create_task(self._tell_cancel(turn.request))
+        self._deps.background.add(task)
+        task.add_done_callback(self._deps.background.discard)
         if turn.task is not None:
             turn.task.cancel()
             await asyncio.gather(turn.task, return_exceptions=True)
         self._deps.metrics.turns.labels("cancelled").inc()
-        # Not awaited: this runs in the `finally` of a stream the client may have cancelled.
-        task = asyncio.create_task(self._tell_cancel(turn.request))
-        self._deps.background.add(task)
-        task.add_done_callback(self._deps.background.discard)
 
     async def _tell_cancel(self, request: TurnRequest) -> None:
         try:
