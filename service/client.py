@@ -17,13 +17,12 @@ plaintext, for a gateway on loopback.
 from __future__ import annotations
 
 import asyncio
-import queue
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -35,6 +34,7 @@ TokenDelta = pb.TokenDelta
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 TurnEnd = pb.TurnEnd
 Session = pb.Session
+T = TypeVar("T")
 
 
 def sampling(**fields: Any) -> pb.SamplingParams:
@@ -315,20 +315,33 @@ class Conversation:
         return response
 
 
+class _Run(Protocol):
+    """Run a coroutine on the client's loop and wait for its result."""
+
+    def __call__(self, coroutine: Coroutine[Any, Any, T], /) -> T: ...
+
+
 class SyncChatClient:
-    """Blocking client with the same shape as ChatClient."""
+    """Blocking view of `ChatClient`: its calls run on an event loop in a thread of this
+    client, so both have one implementation (failover, metadata, paging)."""
 
     def __init__(
         self, target: str, token: str | None = None, *, tls: TLSConfig | None = None
     ) -> None:
         """A client of the gateway at `target`, plaintext unless `tls` is given."""
-        self._channel = (
-            grpc.secure_channel(target, tls.credentials())
-            if tls is not None
-            else grpc.insecure_channel(target)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sinkserve-client", daemon=True
         )
-        self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
-        self._metadata = _metadata(token)
+        self._thread.start()
+
+        async def make() -> ChatClient:  # the channel belongs to the loop it is made on
+            return ChatClient(target, token, tls=tls)
+
+        self._client = self._run(make())
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def __enter__(self) -> SyncChatClient:
         return self
@@ -337,7 +350,10 @@ class SyncChatClient:
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def conversation(
         self,
@@ -347,63 +363,65 @@ class SyncChatClient:
         defaults: pb.SamplingParams | None = None,
         timeout: float | None = None,
     ) -> SyncConversation:
-        return SyncConversation(
-            self._stub,
-            self._metadata,
-            _first_request(session_id, system_prompt, defaults),
-            timeout,
-        )
+        """A Chat stream on a new session, or resuming `session_id`; open when returned."""
+
+        async def start() -> Conversation:
+            conversation = self._client.conversation(
+                session_id, system_prompt=system_prompt, defaults=defaults, timeout=timeout
+            )
+            await conversation.open()
+            return conversation
+
+        return SyncConversation(self._run, self._run(start()))
 
     def create_session(self, system_prompt: str = "") -> pb.Session:
-        req = pb.CreateSessionRequest(system_prompt=system_prompt)
-        return self._stub.CreateSession(req, metadata=self._metadata).session
+        return self._run(self._client.create_session(system_prompt))
 
     def get_session(self, session_id: str) -> pb.Session:
-        req = pb.GetSessionRequest(session_id=session_id)
-        return self._stub.GetSession(req, metadata=_about(self._metadata, session_id)).session
+        return self._run(self._client.get_session(session_id))
 
     def delete_session(self, session_id: str) -> None:
-        self._stub.DeleteSession(
-            pb.DeleteSessionRequest(session_id=session_id),
-            metadata=_about(self._metadata, session_id),
-        )
+        self._run(self._client.delete_session(session_id))
 
     def list_sessions(self) -> list[pb.Session]:
-        return list(
-            self._stub.ListSessions(pb.ListSessionsRequest(), metadata=self._metadata).sessions
-        )
-
-
-_CLOSE = object()
+        return self._run(self._client.list_sessions())
 
 
 class SyncConversation:
-    """One Chat stream, blocking. Requests go through a queue the gRPC thread reads.
-    A turn is retried once on a new stream as `Conversation` describes."""
+    """Blocking view of one `Conversation` (see it for failover). `cancel()` may be
+    called from another thread while `send()` iterates."""
 
-    retry_delay_s = Conversation.retry_delay_s
+    def __init__(self, run: _Run, conversation: Conversation) -> None:
+        self._run = run  # runs a coroutine on the client's loop and waits for its result
+        self._conversation = conversation
 
-    def __init__(
-        self,
-        stub: Any,
-        metadata: tuple[tuple[str, str], ...],
-        first: pb.ChatRequest,
-        timeout: float | None,
-    ) -> None:
-        self._stub, self._metadata, self._timeout = stub, metadata, timeout
-        self._start(first)
-        self.last_turn: pb.TurnEnd | None = None
+    @property
+    def session_id(self) -> str:
+        return self._conversation.session_id
 
-    def _start(self, first: pb.ChatRequest) -> None:
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._requests.put(first)
-        metadata = _about(self._metadata, first.resume.session_id or None)
-        self._responses = self._stub.Chat(
-            iter(self._requests.get, _CLOSE), metadata=metadata, timeout=self._timeout
-        )
-        opened = next(self._responses).session_opened
-        self.session_id, self.sinks, self.window = opened.session_id, opened.sinks, opened.window
-        self.resumed, self.cache_position = opened.resumed, opened.cache_position
+    @property
+    def sinks(self) -> int:
+        return self._conversation.sinks
+
+    @property
+    def window(self) -> int:
+        return self._conversation.window
+
+    @property
+    def resumed(self) -> bool:
+        return self._conversation.resumed
+
+    @property
+    def cache_position(self) -> int:
+        return self._conversation.cache_position
+
+    @property
+    def last_turn(self) -> pb.TurnEnd | None:
+        return self._conversation.last_turn
+
+    @property
+    def retries(self) -> int:
+        return self._conversation.retries
 
     def __enter__(self) -> SyncConversation:
         return self
@@ -412,48 +430,40 @@ class SyncConversation:
         if exc_type is None:
             self.close()
         else:
-            self._responses.cancel()
+            self._conversation.drop()
 
     def send(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
     ) -> Iterator[pb.TokenDelta]:
-        for attempt in (1, 2):
-            streamed = False
+        """Run one turn, yielding its deltas; its TurnEnd is then in `last_turn`."""
+        deltas = self._conversation.send(text, raw=raw, params=params)
+
+        async def next_delta() -> pb.TokenDelta | None:
             try:
-                self._requests.put(_turn_request(text, raw, params))
-                for response in self._responses:
-                    if response.WhichOneof("event") == "delta":
-                        streamed = True
-                        yield response.delta
-                    elif response.WhichOneof("event") == "turn_end":
-                        self.last_turn = response.turn_end
-                        self.cache_position = response.turn_end.usage.cache_position
-                        return
-                raise ConnectionError("the server closed the stream")
-            except grpc.RpcError as err:
-                code = err.code() if isinstance(err, grpc.Call) else None
-                if code not in RETRIED or streamed or attempt == 2:
-                    raise
-            time.sleep(self.retry_delay_s)
-            self._responses.cancel()
-            self._start(_first_request(self.session_id, "", None))
+                return await anext(deltas)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (delta := self._run(next_delta())) is not None:
+                yield delta
+        finally:
+            self._run(deltas.aclose())
 
     def turn(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
     ) -> tuple[str, pb.TurnEnd]:
-        text_out = "".join(d.text for d in self.send(text, raw=raw, params=params))
-        assert self.last_turn is not None
-        return text_out, self.last_turn
+        """Run one turn to its end: (whole text, TurnEnd)."""
+        return self._run(self._conversation.turn(text, raw=raw, params=params))
 
     def cancel(self) -> None:
-        """Thread-safe: ask the server to cancel the running turn."""
-        self._requests.put(pb.ChatRequest(cancel=pb.CancelTurn()))
+        """Ask the server to cancel the running turn (it still ends with a TurnEnd)."""
+        self._run(self._conversation.cancel())
 
     def end(self) -> None:
-        self._requests.put(pb.ChatRequest(end=pb.EndSession()))
-        self.close()
+        """End the session (after a running turn) and wait for the stream to close."""
+        self._run(self._conversation.end())
 
     def close(self) -> None:
-        self._requests.put(_CLOSE)
-        for _ in self._responses:
-            pass
+        """Close the stream; the session stays and can be resumed."""
+        self._run(self._conversation.close())

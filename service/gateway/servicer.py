@@ -136,24 +136,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def _open(
         self, first: pb.ChatRequest, caller: str, header: str | None
     ) -> tuple[Opened, pb.SessionOpened]:
+        """The stream's first request: open a new session, or resume one."""
         action = first.WhichOneof("action")
         if action == "open":
-            if self._draining:
-                raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-            self._check_system_prompt(first.open.system_prompt)
-            info = await self._backend.call(
-                "open",
-                owner=caller,
-                system_prompt=first.open.system_prompt,
-                sampling=sampling_of(first.open.sampling),
-            )
-            # The session keeps these defaults itself (they outlive this stream).
-            opened, resumed = Opened(info["session_id"], caller, pb.SamplingParams()), False
+            opened, info = await self._open_new(first.open, caller)
         elif action == "resume":
-            sid = first.resume.session_id
-            _check_header(header, sid)
-            info = await self._backend.call("get", sid, caller)
-            opened, resumed = Opened(sid, caller, first.resume.sampling), True
+            opened, info = await self._resume(first.resume, caller, header)
         else:
             raise GatewayError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -164,10 +152,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             session_id=opened.session_id,
             sinks=sinks,
             window=window,
-            resumed=resumed,
+            resumed=action == "resume",
             cache_position=info["position"],
         )
         return opened, reply
+
+    async def _open_new(self, request: pb.OpenSession, caller: str) -> tuple[Opened, Any]:
+        if self._draining:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        self._check_system_prompt(request.system_prompt)
+        info = await self._backend.call(
+            "open",
+            owner=caller,
+            system_prompt=request.system_prompt,
+            sampling=sampling_of(request.sampling),
+        )
+        # The session keeps these defaults itself (they outlive this stream).
+        return Opened(info["session_id"], caller, pb.SamplingParams()), info
+
+    async def _resume(
+        self, request: pb.ResumeSession, caller: str, header: str | None
+    ) -> tuple[Opened, Any]:
+        _check_header(header, request.session_id)
+        info = await self._backend.call("get", request.session_id, caller)
+        return Opened(request.session_id, caller, request.sampling), info
 
     # -- unary calls ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ only at the sessions it opened itself (a caller's list may hold others' leftover
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import ChatClient, sampling
+from service.client import ChatClient, SyncChatClient, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, served, target
@@ -136,6 +137,38 @@ async def test_cancel_ends_the_turn_with_the_models_usage_and_keeps_the_session(
         _, after = await chat.turn("Short answer: 2+2?", params=SHORT)
         assert after.usage.generated_tokens >= 1
         assert after.usage.cache_position > end.usage.cache_position
+
+
+async def test_the_sync_client_runs_turns_cancels_from_another_thread_and_lists_sessions(
+    make_gateway: GatewayFactory, triton_url: str
+) -> None:
+    gw = await served(make_gateway, triton_url)
+
+    def converse() -> tuple[list[pb.TurnEnd], str, list[str]]:
+        ends = []
+        with SyncChatClient(target(gw), "alice-token") as alice:
+            with alice.conversation(defaults=SHORT) as chat:
+                ends.append(chat.turn("What is the capital of France?")[1])
+                deltas = chat.send("Tell me a long story.", params=LONG)
+                next(deltas)  # the turn runs: cancel it from another thread
+                canceller = threading.Thread(target=chat.cancel)
+                canceller.start()
+                canceller.join()
+                for _ in deltas:
+                    pass
+                assert chat.last_turn is not None
+                ends.append(chat.last_turn)
+                session_id = chat.session_id
+            listed = [s.session_id for s in alice.list_sessions()]
+            alice.delete_session(session_id)
+        return ends, session_id, listed
+
+    # In a thread: the gateway serves from this test's event loop.
+    (first, cancelled), session_id, listed = await asyncio.to_thread(converse)
+    assert first.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert cancelled.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert cancelled.usage.cache_position > first.usage.cache_position
+    assert session_id in listed
 
 
 async def test_a_dropped_stream_frees_the_turn_for_the_next_one(
