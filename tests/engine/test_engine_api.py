@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import threading
-import time
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from service.engine.types import (
     UnknownSession,
 )
 from tests.engine.helpers import RecordingEngine, tiny_model
+from tests.waits import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +150,22 @@ def test_a_turn_or_system_prompt_longer_than_the_window_is_refused_before_any_wo
 def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make):
     engine = make()
     sid = engine.open_session()
-    ends = []
+    ends: list[TurnEnd] = []
+    ended = threading.Event()
+
+    def on_events(events):
+        ends.extend(e for e in events if isinstance(e, TurnEnd))
+        if ends:
+            ended.set()
+
     turn = engine.submit(
-        sid,
-        [3, 4],
-        SamplingParams(max_new_tokens=4000, ignore_eos=True),
-        lambda evs: ends.extend(e for e in evs if isinstance(e, TurnEnd)),
+        sid, [3, 4], SamplingParams(max_new_tokens=4000, ignore_eos=True), on_events
     )
     with pytest.raises(SessionBusy):
         engine.submit(sid, [5], SamplingParams(), lambda e: None)
     engine.cancel(turn)
-    deadline = time.monotonic() + 10
-    while not ends and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ends and ends[0].finish_reason is FinishReason.CANCELLED
+    assert ended.wait(60), "the cancelled turn never got its TurnEnd"
+    assert ends[0].finish_reason is FinishReason.CANCELLED
     assert engine.stats().turns_running == 0
 
 
@@ -184,19 +186,20 @@ def test_a_new_turn_after_a_cancel_waits_for_the_cancelled_turn_instead_of_being
     engine.step()
     engine.cancel(first)
     submitted: list[object] = []
-    thread = threading.Thread(
-        target=lambda: submitted.append(
+    # Set when the submit starts waiting on the engine's condition (or came back without).
+    waiting = threading.Event()
+    engine._ended = SignallingCondition(engine._lock, waiting)
+
+    def submit() -> None:
+        submitted.append(
             _submit_or_error(engine, sid, [5], SamplingParams(max_new_tokens=3), on_events)
         )
-    )
-    # The submit must be waiting (on the engine's condition; CPython's Condition keeps
-    # a deque of its waiters) before the step that ends the cancelled turn runs.
-    waiters = engine._ended._waiters
+        waiting.set()
+
+    thread = threading.Thread(target=submit)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not waiters and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert waiters, submitted
+    # The submit must be waiting before the step that ends the cancelled turn runs.
+    assert waiting.wait(60) and not submitted, submitted
     engine.step()
     thread.join(timeout=10)
     assert isinstance(submitted[0], int), submitted  # a turn id, not SessionBusy
@@ -204,6 +207,20 @@ def test_a_new_turn_after_a_cancel_waits_for_the_cancelled_turn_instead_of_being
         engine.step()
     assert [e.finish_reason for e in ends] == [FinishReason.CANCELLED, FinishReason.LENGTH]
     assert ends[1].usage.prompt_tokens == 1 + 1  # its own token and the one owed
+
+
+class SignallingCondition(threading.Condition):
+    """A Condition that sets `waiting` whenever a thread starts to wait on it. It is set
+    with the lock held, and `wait` registers the waiter before it releases the lock, so a
+    notify by whoever takes the lock next reaches that waiter."""
+
+    def __init__(self, lock: threading.Lock, waiting: threading.Event) -> None:
+        super().__init__(lock)
+        self._waiting = waiting
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._waiting.set()
+        return super().wait(timeout)
 
 
 def _submit_or_error(engine, sid, prompt, params, on_events) -> int | Exception:
@@ -239,10 +256,8 @@ def test_ending_a_session_frees_its_slot_and_idle_sessions_expire(make):
     assert engine.stats().slots_free == 2 and not engine.has_session(sid)
     sid = engine.open_session()
     collect(engine, sid, [3, 4], max_new_tokens=2)
-    deadline = time.monotonic() + 10
-    while engine.has_session(sid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not engine.has_session(sid) and engine.stats().slots_free == 2
+    wait_until(f"idle session {sid} to expire", lambda: engine.has_session(sid), lambda x: not x)
+    assert engine.stats().slots_free == 2
 
 
 def test_leaving_the_async_stream_early_cancels_the_turn(make):
@@ -257,10 +272,7 @@ def test_leaving_the_async_stream_early_cancels_the_turn(make):
                 break
 
     asyncio.run(run())
-    deadline = time.monotonic() + 10
-    while engine.stats().turns_running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.stats().turns_running == 0
+    wait_until("the left turn to end", lambda: engine.stats().turns_running, lambda n: n == 0)
     assert collect(engine, sid, [5], max_new_tokens=1)[-1].finish_reason is not FinishReason.ERROR
 
 

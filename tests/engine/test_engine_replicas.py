@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.store import SQLiteStore
+from service.engine.store import SessionRecord, SQLiteStore
 from service.engine.types import FinishReason, SessionBusy, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, tiny_model
 
@@ -137,7 +137,9 @@ def _race(name, engine, sid, params, gate, outcome) -> None:
     assert done.wait(30)
 
 
-def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(replicas) -> None:
+def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
+    replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b = replicas
     sid = a.open_session()
     end = run(a, sid, [5, 9], SHORT)
@@ -148,9 +150,20 @@ def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(replicas)
     ghost = replace(record, version=record.version + 1, holder="ghost/1")
     ghost = replace(ghost, lease_until=time.time() + LEASE_S)
     assert store.put(ghost)
-    start = time.monotonic()
+    # b's leases, as it writes them: a claim's lease is b's clock at the claim + LEASE_S.
+    leases: list[float] = []
+    put = b._writer.store.put
+
+    def recording_put(rec: SessionRecord) -> bool:
+        if rec.session_id == sid and rec.lease_until > 0:
+            leases.append(rec.lease_until)
+        return put(rec)
+
+    monkeypatch.setattr(b._writer.store, "put", recording_put)
     after = run(b, sid, [7], SHORT)
-    assert time.monotonic() - start >= LEASE_S * 0.5  # it waited the lease out
+    # It waited the lease out: b claimed the session only once, by its own clock, the
+    # ghost's lease had run out.
+    assert leases and min(leases) >= ghost.lease_until + LEASE_S, (leases, ghost.lease_until)
     assert after.finish_reason is FinishReason.LENGTH
     assert after.usage.position == end.usage.position + 1 + 1 + SHORT["max_new_tokens"] - 1
 

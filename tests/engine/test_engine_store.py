@@ -19,6 +19,7 @@ from service.engine.types import (
 )
 from service.redis_server import RedisServer
 from tests.engine.helpers import RecordingEngine, tiny_model
+from tests.waits import wait_until
 
 GREEDY = {"max_new_tokens": 12, "ignore_eos": True}
 
@@ -129,19 +130,10 @@ def test_ending_or_expiring_a_session_deletes_its_record(make, tmp_path):
     assert store.get(idle, now=clock[0]) is not None
     clock[0] += 61
     engine.step()  # the loop's expiry check runs at most once a second
-    _wait(lambda: not engine.has_session(idle))
+    wait_until(f"idle session {idle} to expire", lambda: engine.has_session(idle), lambda x: not x)
     assert engine.flush_store(5) and store.get(idle, now=0) is None
     with pytest.raises(UnknownSession):
         engine.get_session(idle)
-
-
-def _wait(ok, timeout_s: float = 5.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not ok():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
 
 
 def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(make, tmp_path):
@@ -165,7 +157,7 @@ def test_turns_go_on_while_redis_is_down_and_the_records_follow_once_it_is_back(
     assert engine.flush_store(5)
     redis_server.stop()
     _, end = turn(engine, sid, [7, 7], owner="alice")  # served from the cache in memory
-    _wait(lambda: not engine.stats().store_healthy)
+    wait_until("the store to be reported unhealthy", engine.stats, lambda s: not s.store_healthy)
     assert engine.stats().store_pending == 1 and engine.stats().store_write_errors > 0
     with pytest.raises(StoreUnreachable):
         engine.get_session("not-in-memory")

@@ -361,27 +361,52 @@ def test_the_writer_reads_pending_intents_before_the_store(sqlite: SQLiteStore) 
 
 
 class ObservedStore(GatedStore):
-    """A real store that counts its failed puts, so a test can wait for the writer's
-    retries instead of sleeping."""
+    """A real store that counts its failed puts, and whose puts the test can hold: with
+    `hold()` a put waits until `release()`, so `held()` says that a write is stuck in the
+    store at that moment (one lock keeps the two in step: no race between them)."""
 
     def __init__(self, inner: SessionStore) -> None:
         super().__init__(inner)
-        self.gate.set()
-        self._failed = threading.Condition()
+        self._cond = threading.Condition()
+        self._open = True
+        self._waiting = 0  # puts held right now
         self.failures = 0
 
     def put(self, rec: SessionRecord) -> bool:
+        with self._cond:
+            self._waiting += 1
+            self._cond.notify_all()
+            opened = self._cond.wait_for(lambda: self._open, timeout=60)
+            self._waiting -= 1
+        assert opened, "the test never released the store"
         try:
             return self.inner.put(rec)
         except StoreUnavailable:
-            with self._failed:
+            with self._cond:
                 self.failures += 1
-                self._failed.notify_all()
+                self._cond.notify_all()
             raise
 
+    def hold(self) -> None:
+        with self._cond:
+            self._open = False
+
+    def release(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def held(self) -> bool:
+        with self._cond:
+            return not self._open and self._waiting > 0
+
+    def wait_held(self, timeout_s: float = 60) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._open and self._waiting > 0, timeout_s)
+
     def wait_failures(self, n: int, timeout_s: float) -> bool:
-        with self._failed:
-            return self._failed.wait_for(lambda: self.failures >= n, timeout=timeout_s)
+        with self._cond:
+            return self._cond.wait_for(lambda: self.failures >= n, timeout=timeout_s)
 
 
 def test_the_writer_rides_out_a_redis_outage_and_writes_the_latest_record_after_it(
@@ -395,19 +420,24 @@ def test_the_writer_rides_out_a_redis_outage_and_writes_the_latest_record_after_
             assert writer.flush(10) and writer.healthy
 
             redis_server.stop()
-            started = time.monotonic()
+            observed.hold()
             writer.put(record(version=2))
-            assert time.monotonic() - started < 0.25, "put never waits on the store"
+            # put returned while the write it asked for is stuck in the store: put never
+            # waits on the store (a put that did could only return after `release`).
+            assert observed.wait_held(), "the writer never took v2 to the store"
+            observed.release()
             # A second failure means the first was handled and the writer retried.
             assert observed.wait_failures(2, timeout_s=10)
             assert not writer.healthy
-            started = time.monotonic()
+            observed.hold()
+            assert observed.wait_held(), "the writer stopped retrying"
             writer.put(record(version=3))
-            assert time.monotonic() - started < 0.25
+            assert observed.held(), "put never waits on the store, even in an outage"
             assert writer.pending == 1
             pending = writer.get("s1")
             assert pending is not None and pending.version == 3
             assert writer.flush(0.01) is False
+            observed.release()
 
             redis_server.start()  # same port, empty: it kept nothing
             assert writer.flush(15)
@@ -419,6 +449,7 @@ def test_the_writer_rides_out_a_redis_outage_and_writes_the_latest_record_after_
         assert events.count(("warning", "session store unavailable")) == 1
         assert events.count(("info", "session store available again")) == 1
     finally:
+        observed.release()
         writer.close()
 
 

@@ -13,6 +13,7 @@ from service.client import ChatClient, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, served, target
+from tests.waits import until
 
 ALICE = (("authorization", "Bearer alice-token"),)
 SHORT = sampling(max_tokens=4)
@@ -43,8 +44,11 @@ async def opened(call: grpc.aio.StreamStreamCall) -> str:
 
 async def until_idle(client: ChatClient, session_id: str) -> None:
     """Wait for the model to report no turn running on the session."""
-    while (await client.get_session(session_id)).turn_running:
-        await asyncio.sleep(0.05)
+    await until(
+        f"session {session_id} to report no turn running",
+        lambda: client.get_session(session_id),
+        lambda info: not info.turn_running,
+    )
 
 
 async def test_turns_written_up_front_run_in_order_each_with_its_own_turn_end(
@@ -205,6 +209,9 @@ async def test_a_client_that_reads_nothing_loses_its_turn_after_the_stall_limit(
 
 async def until_idle_after_start(client: ChatClient, session_id: str) -> None:
     """Wait for the session's turn to start, then for the model to report it ended."""
-    while (await client.get_session(session_id)).turns == 0:
-        await asyncio.sleep(0.05)
+    await until(
+        f"session {session_id} to report a turn",
+        lambda: client.get_session(session_id),
+        lambda info: info.turns > 0,
+    )
     await until_idle(client, session_id)

@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import shutil
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +93,12 @@ class Client:
         return self.grpc.stream_infer(requests())
 
     async def turn(
-        self, session_id: str, text: str, timeout_s: float = 120, **inputs: Any
+        self,
+        session_id: str,
+        text: str,
+        timeout_s: float = 120,
+        started: asyncio.Event | None = None,  # set at the first response
+        **inputs: Any,
     ) -> Reply:
         reply = Reply()
 
@@ -103,6 +107,8 @@ class Client:
                 session_id=session_id, text_input=text, **inputs
             ):
                 reply.responses += 1
+                if started is not None:
+                    started.set()
                 if error is not None:
                     reply.error = str(error)
                     continue
@@ -135,13 +141,11 @@ class Client:
         assert isinstance(info, dict), info
         return info
 
-    async def reload(self) -> float:
-        """Make Triton reload the model (it reloads only when files changed) and time it."""
+    async def reload(self) -> None:
+        """Make Triton reload the model (it reloads only when files changed)."""
         model_py = Path(self.server.model_repository) / MODEL / "1" / "model.py"
         model_py.touch()
-        start = time.monotonic()
         await self.grpc.load_model(MODEL)
-        return time.monotonic() - start
 
     async def close(self) -> None:
         await self.grpc.close()

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,29 @@ def snap(sid: str, kv: object = None) -> SessionSnapshot:
 def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path: Path):
     old = Handoff(tmp_path)
     new = Handoff(tmp_path)
+    # A spy on the collector's looks at its predecessors: once it has seen the live one
+    # twice, it is waiting for it (it looked again instead of taking what is there).
+    looks: list[int] = []
+    waiting = threading.Event()
+    alive = new.predecessors_alive
+
+    def look() -> list[Path]:
+        found = alive()
+        looks.append(len(found))
+        if looks.count(1) >= 2:
+            waiting.set()
+        return found
+
+    new.predecessors_alive = look  # type: ignore[method-assign]
     taken: list[object] = []
-    collector = threading.Thread(target=lambda: taken.extend(new.collect("fp", timeout_s=10)))
+    collector = threading.Thread(target=lambda: taken.extend(new.collect("fp", timeout_s=60)))
     collector.start()
-    time.sleep(0.2)
+    assert waiting.wait(60), looks
     assert collector.is_alive() and taken == []
     old.leave("fp", [snap("a"), snap("b")])
-    collector.join(timeout=5)
+    collector.join(timeout=60)
     assert taken == [snap("a"), snap("b")]
+    assert looks[-1] == 0  # it took them once it saw no predecessor
     assert list(tmp_path.glob("*.sessions")) == []
     new.release()
 
