@@ -87,6 +87,7 @@ def start_triton(state: Path) -> TritonServer:
     config = repo / "sinkserve" / "config.pbtxt"
     text = set_parameter(config.read_text(), "max_sessions", str(E2E_MAX_SESSIONS))
     text = set_parameter(text, "max_sessions_per_owner", str(E2E_MAX_SESSIONS_PER_OWNER))
+    text = set_parameter(text, "sampling", "greedy")
     config.write_text(text)
     store = f"sqlite://{state / 'sessions.sqlite3'}"
     return TritonServer(model_repository=repo, log_path=state / "triton.log", session_store=store)

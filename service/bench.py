@@ -142,10 +142,12 @@ def gateway_driver(target: str, token: str | None) -> Driver:
     from service.client import ChatClient, sampling
 
     async def one(client: ChatClient, prompt: str, new_tokens: int, go: asyncio.Event) -> Trace:
+        # Greedy, no penalty, whatever the server's defaults: the engine-direct runs' work.
+        params = sampling(max_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
         async with client.conversation() as chat:
             await go.wait()
             trace = Trace(sent=time.perf_counter())
-            async for delta in chat.send(prompt, raw=True, params=sampling(max_tokens=new_tokens)):
+            async for delta in chat.send(prompt, raw=True, params=params):
                 now = time.perf_counter()  # a delta may carry several tokens (StreamPacer)
                 trace.token_times.extend(now for _ in delta.token_ids)
                 trace.deltas += 1

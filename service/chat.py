@@ -1,8 +1,11 @@
 """`sinkserve chat`: an interactive terminal chat with the gateway, streaming tokens.
 
 Commands: `/new` (end this session, start a fresh one), `/end` (end the session and quit),
-`/stats` (the session's cache), `/help`. Ctrl-C during a reply cancels that turn only;
-Ctrl-D quits and keeps the session (resume it with `--session ID`).
+`/stats` (the session's cache), `/settings` (the sampling its turns use), `/help`. Sampling
+flags left out take the server's defaults (the model's recommendation, else temperature
+0.7, top-p 0.9, repetition penalty 1.05); `--greedy` asks for temperature 0 and no
+penalty. Ctrl-C during a reply cancels that turn only; Ctrl-D quits and keeps the session
+(resume it with `--session ID`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import grpc
 from service.client import ChatClient, Conversation, TLSConfig, sampling
 from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 
-HELP = "/new  fresh session · /end  end session and quit · /stats  cache · Ctrl-C  stop reply"
+HELP = (
+    "/new  fresh session · /end  end session and quit · /stats  cache · /settings  sampling"
+    " · Ctrl-C  stop reply"
+)
 
 
 def add_chat_parser(
@@ -39,10 +45,56 @@ def add_chat_parser(
     p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     p.add_argument("--session", default="", help="resume this session id")
     p.add_argument("--system", default="", help="system prompt of a new session")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    # Sampling: None = the server's default (see `/settings`).
+    p.add_argument("--max-tokens", type=int, default=None, help="(server default: 256)")
+    chosen = p.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--temperature", type=float, default=None, help="(server default: the model's, or 0.7)"
+    )
+    chosen.add_argument(
+        "--greedy",
+        action="store_true",
+        help="temperature 0; no repetition penalty unless --repetition-penalty",
+    )
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="reproducible sampling")
     p.set_defaults(func=main_chat)
     return p
+
+
+def local_sampling(args: argparse.Namespace) -> pb.SamplingParams:
+    """The sampling flags that were given (the rest stay unset: the server's defaults);
+    `--greedy` is temperature 0 with no repetition penalty unless one is given."""
+    penalty = args.repetition_penalty
+    return sampling(
+        max_tokens=args.max_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=1.0 if args.greedy and penalty is None else penalty,
+        seed=args.seed,
+    )
+
+
+def settings_line(session: pb.SamplingParams, local: pb.SamplingParams) -> str:
+    """The sampling this chat's turns use: the session's as the server reports it, under
+    the flags given here (a resumed session takes them for this stream only)."""
+    s = pb.SamplingParams()
+    s.CopyFrom(session)
+    s.MergeFrom(local)  # scalars only: the chat sets no stop strings
+    if s.temperature == 0:
+        parts = ["greedy (temperature 0)"]
+    else:
+        parts = [f"temperature {s.temperature:g}", f"top_p {s.top_p:g}"]
+        parts.append(f"top_k {s.top_k}" if s.top_k else "top_k off")
+    parts += [f"repetition_penalty {s.repetition_penalty:g}", f"max_tokens {s.max_tokens}"]
+    if s.HasField("seed"):
+        parts.append(f"seed {s.seed}")
+    if s.stop:
+        parts.append("stop " + ", ".join(map(repr, s.stop)))
+    return f"[sampling: {' · '.join(parts)}]"
 
 
 def main_chat(args: argparse.Namespace) -> int:
@@ -65,7 +117,7 @@ def tls_config(args: argparse.Namespace) -> TLSConfig | None:
 
 async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO) -> int:
     loop = asyncio.get_running_loop()
-    defaults = sampling(max_tokens=args.max_tokens, temperature=args.temperature)
+    defaults = local_sampling(args)
     async with ChatClient(args.target, args.token or None, tls=tls_config(args)) as client:
 
         async def open_chat(session_id: str | None) -> Conversation:
@@ -113,6 +165,9 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO) -> int:
                 elif text == "/new":
                     await chat.end()
                     chat = await open_chat(None)
+                elif text == "/settings":
+                    s = await client.get_session(chat.session_id)
+                    print(settings_line(s.sampling, defaults), file=out)
                 elif text == "/stats":
                     s = await client.get_session(chat.session_id)
                     print(

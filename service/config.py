@@ -16,6 +16,7 @@ from typing import Any
 RUNNERS = ("torch",)
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTS = ("none", "int4")
+SAMPLINGS = ("model", "greedy")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class EngineConfig:
     # third of it): what another replica waits before taking over from a dead one.
     lease_s: float = 6.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Where a turn's unset sampling fields come from: "model" = the checkpoint's recommended
+    # sampling over a chat default (temperature 0.7, top-p 0.9, repetition penalty 1.05);
+    # "greedy" = temperature 0 and no penalty (reproducible replies: tests, comparisons).
+    sampling: str = "model"
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, why: str) -> None:
@@ -91,6 +96,7 @@ class EngineConfig:
         need(self.max_sessions_per_owner >= 1, "max_sessions_per_owner", "must be >= 1")
         need(self.lease_s > 0, "lease_s", "must be > 0")
         need(self.threads >= 0, "threads", "must be >= 0")
+        need(self.sampling in SAMPLINGS, "sampling", f"must be one of {', '.join(SAMPLINGS)}")
 
     @property
     def prompt_limit(self) -> int:

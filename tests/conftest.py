@@ -94,6 +94,7 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = repo / "sinkserve" / "config.pbtxt"
     text = set_parameter(config.read_text(), "max_sessions", str(E2E_MAX_SESSIONS))
     text = set_parameter(text, "max_sessions_per_owner", str(E2E_MAX_SESSIONS_PER_OWNER))
+    text = set_parameter(text, "sampling", "greedy")  # the tests compare replies
     config.write_text(text)
     state = tmp_path_factory.mktemp("triton")
     store = f"sqlite://{state / 'sessions.sqlite3'}"  # sqlite:// + an absolute path

@@ -12,7 +12,7 @@ Public API (thread-safe; the Triton model, the CLI and the tests use it):
     engine.start()                         # the step loop runs in its own thread
     sid = engine.open_session(system="...", owner="alice", sampling={"temperature": 0.7})
     turn = engine.submit(sid, "Hello", {"max_new_tokens": 64}, on_events, owner="alice")
-    async for event in engine.generate(sid, "Hello", SamplingParams()): ...
+    async for event in engine.generate(sid, "Hello", SamplingParams()): ...  # whole: greedy
     engine.get_session(sid, "alice"); engine.list_sessions("alice")
     engine.cancel(turn); engine.cancel_session(sid, "alice"); engine.end_session(sid)
     snaps = engine.export_sessions(); engine.import_sessions(snaps)   # across reloads
@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
 import structlog
@@ -43,6 +43,7 @@ from service.engine.chat_format import ChatFormat
 from service.engine.kv_cache import HostSlot
 from service.engine.runner import Runner
 from service.engine.sampler import SampleRow
+from service.engine.sampling_defaults import default_sampling
 from service.engine.scheduler import Scheduler, Session, Turn
 from service.engine.stops import StopMatcher
 from service.engine.store import SessionRecord, SessionStore, StoreUnavailable, StoreWriter
@@ -116,7 +117,10 @@ class Engine:
         store: SessionStore | None = None,
         clock: Callable[[], float] = time.time,
         replica: str = "",
+        recommended: Mapping[str, Any] | None = None,
     ) -> None:
+        """`recommended`: the checkpoint's recommended sampling (`Engine.load` reads it),
+        used under `config.sampling == "model"`."""
         self.config = config
         self.runner = runner
         self.tokenizer = tokenizer
@@ -133,9 +137,7 @@ class Engine:
         # the same replica (a restart) may take over a lease its predecessor left.
         self._holder = f"{replica or socket.gethostname()}/{secrets.token_hex(4)}"
         # Every turn starts from these, then its session's defaults, then its own fields.
-        self._defaults = SamplingParams(
-            max_new_tokens=min(SamplingParams.max_new_tokens, config.max_new_tokens)
-        )
+        self._defaults = default_sampling(config, recommended or {})
         self._sessions: dict[str, Session] = {}
         self._turns: dict[int, Turn] = {}
         self._lock = threading.Lock()
@@ -154,6 +156,7 @@ class Engine:
             sinks=config.sinks,
             window=config.window,
             store=type(store).__name__ if store is not None else None,
+            sampling=asdict(self._defaults),
         )
 
     @classmethod
@@ -169,7 +172,8 @@ class Engine:
         thousands of regions pays a futex wake-up: with a 2-thread team left behind by
         loading, a SmolLM2 decode step on 2 cores took 37 ms, not 15. So the calling
         thread should run no parallel torch work of its own while the engine runs."""
-        from service.engine.loader import build_runner
+        from service.engine.loader import build_runner, model_path
+        from service.engine.weights import recommended_sampling
 
         before = torch.get_num_threads()
         config = replace(config, threads=config.threads or before)
@@ -178,7 +182,8 @@ class Engine:
             runner, tokenizer = build_runner(config)
         finally:
             torch.set_num_threads(before)  # no team yet: one forms at the next parallel op
-        return cls(config, runner, tokenizer, store, replica=replica)
+        recommended = recommended_sampling(model_path(config))
+        return cls(config, runner, tokenizer, store, replica=replica, recommended=recommended)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -531,6 +536,7 @@ class Engine:
             last_active=s.last_used,
             expire_at=s.last_used + self.config.session_ttl_s,
             state=state,
+            sampling=asdict(self._defaults.updated(s.sampling)),
         )
 
     def _stored_info(self, r: SessionRecord) -> SessionInfo:
@@ -546,6 +552,7 @@ class Engine:
             last_active=r.last_active,
             expire_at=r.expire_at,
             state="stored",
+            sampling=asdict(self._defaults.updated(r.sampling)),
         )
 
     def end_session(self, session_id: str, owner: str | None = None) -> None:

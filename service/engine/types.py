@@ -53,7 +53,11 @@ class FinishReason(str, Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-turn sampling. temperature == 0 means greedy."""
+    """Per-turn sampling. temperature == 0 means greedy.
+
+    The class defaults are greedy with no penalty: what whole params given to
+    `Engine.submit` mean. Overrides given there start from the engine's own defaults
+    instead (`sampling_defaults.default_sampling`: sampled, unless configured greedy)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -172,6 +176,9 @@ class SessionInfo:
     # "generating" | "waiting" | "slot" | "host" | "new" (no cache yet, or to be rebuilt
     # from its tokens) | "stored" (only in the session store)
     state: str
+    # The sampling its turns start from: the engine's defaults updated by the session's
+    # own (`SamplingParams` fields; a turn's own fields still override them).
+    sampling: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 import torch
 from gguf import GGUFReader
+from gguf.constants import Keys
 from gguf.quants import dequantize
 from safetensors import safe_open
 from tqdm import tqdm
@@ -120,6 +121,24 @@ def default_model_path() -> Path:
     return path
 
 
+def recommended_sampling(path: str | Path) -> dict[str, Any]:
+    """The sampling the checkpoint at `path` recommends, as `SamplingParams` overrides
+    holding only the fields it sets: a GGUF's `general.sampling.*` metadata, or a Hugging
+    Face directory's generation_config.json (`do_sample: false` recommends greedy).
+    Empty when it ships none, as the default SmolLM2 GGUF does."""
+    path = Path(path)
+    if path.is_dir():
+        generation = path / "generation_config.json"
+        return _hf_sampling(json.loads(generation.read_text())) if generation.is_file() else {}
+    reader = open_gguf(path)
+    found = {name: gguf_field(reader, key, None) for key, name in _GGUF_SAMPLING.items()}
+    return {
+        name: int(value) if name == "top_k" else _decimal(value)
+        for name, value in found.items()
+        if value is not None
+    }
+
+
 def unpermute_gguf_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """GGUF row order of a Q or K weight/bias -> HF rotate-half order.
 
@@ -135,6 +154,15 @@ def unpermute_gguf_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # architecture -> whether llama.cpp's converter permuted its Q/K rows (interleaved-pair RoPE)
 _GGUF_ARCHS = {"llama": True, "qwen2": False}
+# GGUF metadata of a model's recommended sampling -> SamplingParams field. llama.cpp
+# applies penalty_repeat to the last penalty_last_n tokens (64 by default); the engine
+# applies it to the session's whole cache, so a recommended penalty acts more strongly here.
+_GGUF_SAMPLING = {
+    Keys.General.SAMPLING_TEMP: "temperature",
+    Keys.General.SAMPLING_TOP_K: "top_k",
+    Keys.General.SAMPLING_TOP_P: "top_p",
+    Keys.General.SAMPLING_PENALTY_REPEAT: "repetition_penalty",
+}
 _GGUF_GLOBAL = {
     "token_embd.weight": "embed",
     "output_norm.weight": "norm",
@@ -312,6 +340,23 @@ def _hf_config(cfg: Mapping[str, Any], *, tied: bool, qkv_bias: bool) -> ModelCo
         tie_embeddings=tied,
         qkv_bias=qkv_bias,
     )
+
+
+# generation_config.json keys that are SamplingParams fields of the same meaning
+# (transformers, too, applies repetition_penalty to the whole sequence, CTRL-style).
+_HF_SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+def _hf_sampling(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling fields a generation_config.json sets. Without `do_sample` they are
+    still taken as the recommendation (transformers would decode greedily, but files that
+    set a temperature mean it); `do_sample: false` recommends transformers' greedy decoding:
+    temperature 0, and no repetition penalty unless the file sets one."""
+    found = {key: generation[key] for key in _HF_SAMPLING if generation.get(key) is not None}
+    if generation.get("do_sample") is False:
+        found["temperature"] = 0.0
+        found.setdefault("repetition_penalty", 1.0)
+    return found
 
 
 def _hf_rope_scaling(spec: Mapping[str, Any] | None) -> RopeScaling | None:

@@ -299,6 +299,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             create_time=_timestamp(info["created_at"]),
             last_active_time=_timestamp(info["last_active"]),
             expire_time=_timestamp(info["expire_at"]),
+            sampling=_sampling_message(info["sampling"]),
         )
 
     async def _abort(
@@ -348,3 +349,18 @@ def _timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def _sampling_message(fields: Mapping[str, Any]) -> pb.SamplingParams:
+    """A session's sampling as the model reports it (engine `SamplingParams` fields) in the
+    API's terms; the engine's own fields (stop token ids, ignore_eos) stay internal."""
+    values = {
+        "max_tokens": fields["max_new_tokens"],
+        "temperature": fields["temperature"],
+        "top_k": fields["top_k"],
+        "top_p": fields["top_p"],
+        "repetition_penalty": fields["repetition_penalty"],
+        "seed": fields["seed"],  # None: the session has none (left unset)
+        "stop": fields["stop"],
+    }
+    return pb.SamplingParams(**{k: v for k, v in values.items() if v is not None})

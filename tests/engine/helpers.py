@@ -105,6 +105,8 @@ class RecordingEngine:
         # The oracle tests prefill prompts longer than their small windows, to check the
         # eviction inside one prefill: no prompt limit unless a test asks for one.
         config.setdefault("max_prompt_tokens", 1 << 20)
+        # The tests compare the engine with an oracle and replies with each other: greedy.
+        config.setdefault("sampling", "greedy")
         self.config = EngineConfig(**config)  # type: ignore[arg-type]
         c = self.config
         model = Llama(cfg, tensors, torch_dtype(c.dtype), torch.device(c.device), quant=c.quant)

@@ -94,6 +94,26 @@ def test_top_k_of_one_is_greedy(make):
     assert greedy == top1
 
 
+def test_a_turn_given_overrides_samples_with_the_engines_chat_defaults(make):
+    engine = make(sampling="model")
+    overrides = {"max_new_tokens": 24, "seed": 4, "ignore_eos": True}
+    chat = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.05, **overrides)
+
+    async def run(params):
+        return ids([e async for e in engine.generate(engine.open_session(), [5, 6, 7], params)])
+
+    assert asyncio.run(run(overrides)) == asyncio.run(run(chat))
+
+
+def test_a_sessions_info_holds_the_sampling_its_turns_start_from(make):
+    chat, greedy = make(sampling="model"), make(sampling="greedy")
+    mine = chat.get_session(chat.open_session(sampling={"temperature": 0.2, "top_k": 5}))
+    assert mine.sampling["temperature"] == 0.2 and mine.sampling["top_k"] == 5
+    assert (mine.sampling["top_p"], mine.sampling["repetition_penalty"]) == (0.9, 1.05)
+    plain = greedy.get_session(greedy.open_session()).sampling
+    assert (plain["temperature"], plain["repetition_penalty"]) == (0.0, 1.0)
+
+
 def test_max_new_tokens_ends_with_length_and_usage_counts_the_turn(make):
     engine = make(sinks=2, window=8)
     sid = engine.open_session()

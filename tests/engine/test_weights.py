@@ -18,6 +18,7 @@ from service.engine.weights import (
     Weights,
     default_model_path,
     load_checkpoint,
+    recommended_sampling,
     unpermute_gguf_qk,
 )
 
@@ -294,3 +295,46 @@ def test_unpermute_inverts_the_converter_permutation_for_weights_and_biases() ->
     assert torch.equal(unpermute_gguf_qk(converter_permute(b, 2), 2), b)
     # head 0 of the stored layout starts with the pair (row 0, row hd/2) of HF layout
     assert converter_permute(b, 2)[:4].tolist() == [0.0, 8.0, 1.0, 9.0]
+
+
+def test_a_gguf_recommends_the_sampling_its_metadata_sets_and_no_more(tmp_path: Path) -> None:
+    w = GGUFWriter(tmp_path / "m.gguf", "llama")
+    w.add_sampling_temp(0.6)
+    w.add_sampling_top_k(20)
+    w.add_sampling_penalty_repeat(1.1)
+    w.add_sampling_min_p(0.05)  # not a field of ours: left out
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # float32 metadata comes back as the decimal it was written as, not 0.6000000238.
+    assert recommended_sampling(tmp_path / "m.gguf") == {
+        "temperature": 0.6,
+        "top_k": 20,
+        "repetition_penalty": 1.1,
+    }
+
+
+def test_the_default_gguf_and_an_hf_dir_without_sampling_recommend_nothing(tmp_path: Path) -> None:
+    assert recommended_sampling(default_model_path()) == {}
+    path = tmp_path / "hf"
+    path.mkdir()
+    assert recommended_sampling(path) == {}
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert recommended_sampling(path) == {}
+
+
+def test_generation_config_recommends_its_sampling_and_do_sample_false_means_greedy(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hf"
+    path.mkdir()
+    sampled = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    generation = {"do_sample": True, "eos_token_id": [2, 5], "max_new_tokens": 512, **sampled}
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    assert recommended_sampling(path) == sampled
+    (path / "generation_config.json").write_text(json.dumps(generation | {"do_sample": False}))
+    assert recommended_sampling(path) == sampled | {"temperature": 0.0}
+    # transformers' greedy applies no penalty the file does not ask for.
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert recommended_sampling(path) == {"temperature": 0.0, "repetition_penalty": 1.0}

@@ -21,6 +21,8 @@ PARAMETERS = {
     "max_sessions": "4",
     "max_new_tokens": "64",
     "step_token_budget": "64",
+    # Replies after a fault must equal those without it: greedy, no penalty.
+    "sampling": "greedy",
 }
 
 

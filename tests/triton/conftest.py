@@ -32,6 +32,8 @@ TEST_PARAMETERS = {
     "max_sessions_per_owner": "12",
     # One turn alone sends a delta at most every 0.2 s: several tokens each (StreamPacer).
     "stream_responses_per_s": "5",
+    # The tests compare replies with known ones and with each other: greedy, no penalty.
+    "sampling": "greedy",
 }
 
 

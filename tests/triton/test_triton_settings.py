@@ -42,3 +42,10 @@ def test_a_zero_response_budget_is_allowed_and_means_a_response_per_token():
 def test_an_unfilled_template_placeholder_fails_the_load():
     with pytest.raises(ConfigError, match=r"sinks.*placeholder"):
         parse_parameters(params(sinks="${SINKS}"), "m")
+
+
+def test_sampling_is_the_models_unless_the_parameters_ask_for_greedy():
+    assert parse_parameters(params(), "m").engine.sampling == "model"
+    assert parse_parameters(params(sampling="greedy"), "m").engine.sampling == "greedy"
+    with pytest.raises(ConfigError, match=r"sampling='hot'.*model, greedy"):
+        parse_parameters(params(sampling="hot"), "m")

@@ -472,6 +472,7 @@ class Session(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_ACTIVE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     owner: _builtins.str
     """The authenticated caller that owns it."""
@@ -491,6 +492,15 @@ class Session(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """The session is deleted after this long without activity."""
 
+    @_builtins.property
+    def sampling(self) -> Global___SamplingParams:
+        """The sampling the session's turns start from (`seed` and `stop` set only where it has
+        them, every other field always): the server's defaults (the model's recommended
+        sampling, else temperature 0.7, top_p 0.9, repetition_penalty 1.05; or greedy, as the
+        server is configured) updated by the session's own. A stream's and a turn's sampling
+        still override it.
+        """
+
     def __init__(
         self,
         *,
@@ -506,10 +516,11 @@ class Session(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         last_active_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        sampling: Global___SamplingParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_active_time", b"last_active_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_active_time", b"last_active_time", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_position", b"cache_position", "cached_tokens", b"cached_tokens", "create_time", b"create_time", "evicted_tokens", b"evicted_tokens", "expire_time", b"expire_time", "last_active_time", b"last_active_time", "owner", b"owner", "session_id", b"session_id", "sinks", b"sinks", "turn_running", b"turn_running", "turns", b"turns", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_position", b"cache_position", "cached_tokens", b"cached_tokens", "create_time", b"create_time", "evicted_tokens", b"evicted_tokens", "expire_time", b"expire_time", "last_active_time", b"last_active_time", "owner", b"owner", "sampling", b"sampling", "session_id", b"session_id", "sinks", b"sinks", "turn_running", b"turn_running", "turns", b"turns", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
