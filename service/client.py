@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -217,7 +217,7 @@ class Conversation:
 
     async def send(
         self, text: str, *, raw: bool = False, params: pb.SamplingParams | None = None
-    ) -> AsyncIterator[pb.TokenDelta]:
+    ) -> AsyncGenerator[pb.TokenDelta, None]:
         """Run one turn, yielding its deltas; its TurnEnd is then in `last_turn`."""
         for attempt in (1, 2):
             streamed = False
