@@ -6,7 +6,7 @@ tokens a step with every token scored, once with attention sinks (4+1020) and on
 window attention (0+1024, the same cache size). Reports perplexity per `--block` tokens,
 the process's RSS and the device memory at the end of each block, and the wall time.
 Writes the JSON after each mode (so a run cut short keeps what it finished); `plot`
-draws it (a separate step: the GPU machine has no matplotlib).
+draws it (a separate step, so that a run needs nothing to draw with).
 
     python3 bench/ppl_long.py run --text .cache/long-english.txt --tokens 4000000 \\
         --device cuda --dtype bfloat16 --out bench/results/ppl-4m-DEVICE.json
