@@ -172,8 +172,7 @@ class Engine:
         thousands of regions pays a futex wake-up: with a 2-thread team left behind by
         loading, a SmolLM2 decode step on 2 cores took 37 ms, not 15. So the calling
         thread should run no parallel torch work of its own while the engine runs."""
-        from service.engine.loader import build_runner, model_path
-        from service.engine.weights import recommended_sampling
+        from service.engine.loader import build_runner
 
         before = torch.get_num_threads()
         config = replace(config, threads=config.threads or before)
@@ -182,7 +181,7 @@ class Engine:
             runner, tokenizer = build_runner(config)
         finally:
             torch.set_num_threads(before)  # no team yet: one forms at the next parallel op
-        recommended = recommended_sampling(model_path(config))
+        recommended = dict(runner.model.cfg.sampling)  # read with the weights
         return cls(config, runner, tokenizer, store, replica=replica, recommended=recommended)
 
     # ---- lifecycle -------------------------------------------------------------------

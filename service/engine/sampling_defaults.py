@@ -26,7 +26,7 @@ CHAT_SAMPLING: Mapping[str, Any] = {"temperature": 0.7, "top_p": 0.9, "repetitio
 
 def default_sampling(config: EngineConfig, recommended: Mapping[str, Any]) -> SamplingParams:
     """The base sampling under `config.sampling`; `recommended` is the checkpoint's
-    (`weights.recommended_sampling`). A recommendation the engine would refuse is logged
+    (`ModelConfig.sampling`). A recommendation the engine would refuse is logged
     and ignored: a bad metadata value must fail neither the load nor every turn."""
     greedy = SamplingParams(
         max_new_tokens=min(SamplingParams.max_new_tokens, config.max_new_tokens)

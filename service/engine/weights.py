@@ -48,6 +48,9 @@ class ModelConfig:
     max_position: int  # the context length the model was trained for
     tie_embeddings: bool  # lm_head is `embed`; no `lm_head` tensor is returned
     qkv_bias: bool  # `layers.{i}.bq/bk/bv` exist (Qwen2)
+    # The sampling the checkpoint recommends, as (SamplingParams field, value) pairs: only
+    # the fields it sets (`gguf_sampling`, `hf_sampling`); none for the default SmolLM2.
+    sampling: tuple[tuple[str, float], ...] = ()
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor a loaded checkpoint holds, no more, no less."""
@@ -121,22 +124,22 @@ def default_model_path() -> Path:
     return path
 
 
-def recommended_sampling(path: str | Path) -> dict[str, Any]:
-    """The sampling the checkpoint at `path` recommends, as `SamplingParams` overrides
-    holding only the fields it sets: a GGUF's `general.sampling.*` metadata, or a Hugging
-    Face directory's generation_config.json (`do_sample: false` recommends greedy).
-    Empty when it ships none, as the default SmolLM2 GGUF does."""
-    path = Path(path)
-    if path.is_dir():
-        generation = path / "generation_config.json"
-        return _hf_sampling(json.loads(generation.read_text())) if generation.is_file() else {}
-    reader = open_gguf(path)
+def gguf_sampling(reader: GGUFReader) -> dict[str, float]:
+    """The sampling a GGUF recommends (its `general.sampling.*` metadata), as
+    `SamplingParams` overrides holding only the fields it sets."""
     found = {name: gguf_field(reader, key, None) for key, name in _GGUF_SAMPLING.items()}
     return {
         name: int(value) if name == "top_k" else _decimal(value)
         for name, value in found.items()
         if value is not None
     }
+
+
+def hf_sampling(path: Path) -> dict[str, float]:
+    """The sampling a Hugging Face directory's generation_config.json recommends (none
+    without one; `do_sample: false` recommends greedy)."""
+    generation = path / "generation_config.json"
+    return _hf_sampling(json.loads(generation.read_text())) if generation.is_file() else {}
 
 
 def unpermute_gguf_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -248,6 +251,7 @@ def _gguf_config(reader: GGUFReader, arch: str) -> ModelConfig:
         max_position=int(meta("context_length")),
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
+        sampling=tuple(gguf_sampling(reader).items()),
     )
 
 
@@ -297,7 +301,8 @@ def _load_hf_dir(path: Path) -> tuple[ModelConfig, Weights]:
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head" not in weights
     if tied:
         weights.pop("lm_head", None)
-    return _hf_config(cfg, tied=tied, qkv_bias="layers.0.bq" in weights), weights
+    qkv_bias = "layers.0.bq" in weights
+    return _hf_config(cfg, tied=tied, qkv_bias=qkv_bias, sampling=hf_sampling(path)), weights
 
 
 def _safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -323,7 +328,9 @@ def _hf_name(name: str) -> str:
     raise ValueError(f"unexpected tensor {name!r}")
 
 
-def _hf_config(cfg: Mapping[str, Any], *, tied: bool, qkv_bias: bool) -> ModelConfig:
+def _hf_config(
+    cfg: Mapping[str, Any], *, tied: bool, qkv_bias: bool, sampling: Mapping[str, float]
+) -> ModelConfig:
     hidden, num_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
     return ModelConfig(
         vocab_size=int(cfg["vocab_size"]),
@@ -339,6 +346,7 @@ def _hf_config(cfg: Mapping[str, Any], *, tied: bool, qkv_bias: bool) -> ModelCo
         max_position=int(cfg["max_position_embeddings"]),
         tie_embeddings=tied,
         qkv_bias=qkv_bias,
+        sampling=tuple(sampling.items()),
     )
 
 

@@ -17,8 +17,9 @@ from service.engine.weights import (
     RopeScaling,
     Weights,
     default_model_path,
+    gguf_sampling,
+    hf_sampling,
     load_checkpoint,
-    recommended_sampling,
     unpermute_gguf_qk,
 )
 
@@ -69,10 +70,15 @@ def hf_tensors(*, qkv_bias: bool, tied: bool, seed: int = 0) -> dict[str, torch.
     return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
 
+# The sampling both test checkpoints recommend (GGUF metadata, generation_config.json).
+RECOMMENDED = {"temperature": 0.6, "top_k": 20}
+
+
 def write_hf_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Path:
     """A sharded HF checkpoint: two safetensors files and their index."""
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, **RECOMMENDED}))
     names = sorted(tensors)
     shards = {
         "model-00001-of-00002.safetensors": names[::2],
@@ -104,6 +110,8 @@ def write_gguf(path: Path, tensors: dict[str, torch.Tensor], arch: str) -> Path:
     w.add_rope_freq_base(TINY["rope_theta"])
     w.add_bos_token_id(TINY["bos_token_id"])
     w.add_eos_token_id(TINY["eos_token_id"])
+    w.add_sampling_temp(RECOMMENDED["temperature"])
+    w.add_sampling_top_k(RECOMMENDED["top_k"])
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -149,6 +157,7 @@ def test_hf_dir_and_gguf_of_the_same_weights_load_to_the_same_tensors(
     gguf_config, gg = load_checkpoint(write_gguf(tmp_path / "m.gguf", tensors, model_type))
 
     assert hf_config == gguf_config
+    assert hf_config.sampling == tuple(RECOMMENDED.items())  # read with the weights
     assert hf_config.qkv_bias is qkv_bias and hf_config.tie_embeddings is tied
     assert hf_config.head_dim == HEAD_DIM
     assert hf.keys() == gg.keys() == hf_config.expected_shapes().keys()
@@ -207,6 +216,7 @@ def test_the_default_smollm2_gguf_loads_with_its_known_config(
     assert config.rope_theta == 100000.0 and config.rope_scaling is None
     assert config.max_position == 8192 and config.vocab_size == 49152
     assert config.tie_embeddings and "lm_head" not in weights and not config.qkv_bias
+    assert config.sampling == ()  # it recommends no sampling: the chat default applies
     tokenizer = Tokenizer.load(default_model_path())  # the one reader of BOS and EOS ids
     assert tokenizer.bos_id == 1 and 2 in tokenizer.eos_ids
     assert weights["layers.29.wk"].shape == (192, 576)
@@ -308,20 +318,19 @@ def test_a_gguf_recommends_the_sampling_its_metadata_sets_and_no_more(tmp_path: 
     w.write_tensors_to_file()
     w.close()
     # float32 metadata comes back as the decimal it was written as, not 0.6000000238.
-    assert recommended_sampling(tmp_path / "m.gguf") == {
+    assert gguf_sampling(open_gguf(tmp_path / "m.gguf")) == {
         "temperature": 0.6,
         "top_k": 20,
         "repetition_penalty": 1.1,
     }
 
 
-def test_the_default_gguf_and_an_hf_dir_without_sampling_recommend_nothing(tmp_path: Path) -> None:
-    assert recommended_sampling(default_model_path()) == {}
+def test_an_hf_dir_without_sampling_recommends_nothing(tmp_path: Path) -> None:
     path = tmp_path / "hf"
     path.mkdir()
-    assert recommended_sampling(path) == {}
+    assert hf_sampling(path) == {}
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
-    assert recommended_sampling(path) == {}
+    assert hf_sampling(path) == {}
 
 
 def test_generation_config_recommends_its_sampling_and_do_sample_false_means_greedy(
@@ -332,9 +341,9 @@ def test_generation_config_recommends_its_sampling_and_do_sample_false_means_gre
     sampled = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
     generation = {"do_sample": True, "eos_token_id": [2, 5], "max_new_tokens": 512, **sampled}
     (path / "generation_config.json").write_text(json.dumps(generation))
-    assert recommended_sampling(path) == sampled
+    assert hf_sampling(path) == sampled
     (path / "generation_config.json").write_text(json.dumps(generation | {"do_sample": False}))
-    assert recommended_sampling(path) == sampled | {"temperature": 0.0}
+    assert hf_sampling(path) == sampled | {"temperature": 0.0}
     # transformers' greedy applies no penalty the file does not ask for.
     (path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
-    assert recommended_sampling(path) == {"temperature": 0.0, "repetition_penalty": 1.0}
+    assert hf_sampling(path) == {"temperature": 0.0, "repetition_penalty": 1.0}

@@ -4,7 +4,6 @@ run later: the gateway learns of the cancelled call at once, not at its next wri
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -14,21 +13,20 @@ from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.gateway.server import Gateway
 from tests.gateway.conftest import GatewayFactory, served, target
 from tests.gateway.test_gateway_without_triton import scrape
+from tests.waits import until
 
 LONG = sampling(max_tokens=400, temperature=0.8, seed=1)
 SHORT = sampling(max_tokens=8)
 
 
-async def until_open_streams(gw: Gateway, want: int, timeout_s: float = 60.0) -> None:
-    """Wait until the gateway's open-streams gauge reads `want` (a hang guard bounds it)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+async def until_open_streams(gw: Gateway, want: int) -> None:
+    """Wait until the gateway's open-streams gauge reads `want`."""
+
+    async def gauge() -> float:
         samples = await asyncio.to_thread(scrape, gw.metrics_port)
-        got = samples[("sinkserve_gateway_open_streams", ())]
-        if got == want:
-            return
-        assert time.monotonic() < deadline, f"open streams {got}, waited for {want}"
-        await asyncio.sleep(0.05)
+        return samples[("sinkserve_gateway_open_streams", ())]
+
+    await until(f"{want} open streams", gauge, lambda got: got == want)
 
 
 @pytest.mark.parametrize("leave", ["cancel the call", "close the channel"])
