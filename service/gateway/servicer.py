@@ -114,6 +114,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             log.info("stream opened", resumed=reply.resumed)
             await stream.send(pb.ChatResponse(session_opened=reply))
             await stream.run(opened)
+        except asyncio.CancelledError:
+            log.info("call cancelled", turn_running=stream.turn is not None)
+            raise
         except GatewayError as err:
             await self._cut(stream, log)  # first: the status may wait for a stalled reader
             await self._abort(context, err, log)
@@ -130,8 +133,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         """Stop the stream's running turn, if any, on the model: the client went away, or
         the call fails, so the session must be free for its next turn."""
         if stream.turn is not None:
+            started = time.monotonic()
             await stream.cut_turn()
-            log.info("turn cut: stream closed mid-turn")
+            log.info("turn cut: stream closed mid-turn", cut_s=round(time.monotonic() - started, 3))
 
     async def _open(
         self, first: pb.ChatRequest, caller: str, header: str | None

@@ -156,6 +156,7 @@ class ChatStream:
             elif item is DRAIN:
                 self._draining = True
             elif item is CLIENT_GONE:
+                self.log.info("client gone", turn_running=self.turn is not None)
                 return
             elif isinstance(item, FromTurn):
                 await self._on_turn_event(item)
