@@ -1,4 +1,4 @@
-"""The CPU matmul choices of `service/engine/quant.py`, timed side by side in one run.
+"""The CPU matmul choices of `service/sinkserve/engine/quant.py`, timed side by side in one run.
 
 For each row count: the 30 layers' projections of SmolLM2-135M's shape (distinct random
 weights, so they do not stay in cache, as in a real step) through the int4 kernel and
@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from service.engine.quant import (
+from sinkserve.engine.quant import (
     DenseCopy,
     Weight,
     linear,

@@ -1,7 +1,7 @@
 """Failover on a local cluster, timed: Redis, 3 replicas (`sinkserve serve`) and HAProxy
-on loopback (service/cluster.py); `--sessions` sessions hold `--turns`-turn conversations
+on loopback (service/sinkserve/cluster.py); `--sessions` sessions hold `--turns`-turn conversations
 in step, one replica is SIGKILLed after turn 3 and another SIGTERMed after turn 6
-(service/failover.py). Clients retry a cut turn once on a new stream; the proxy routes it
+(service/sinkserve/failover.py). Clients retry a cut turn once on a new stream; the proxy routes it
 to a live replica, which rebuilds the session from Redis.
 
 Prints one JSON object as its last line and writes it to
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.cluster import REPLICAS, Cluster, model_repository
-from service.failover import answered_once, converse
+from sinkserve.cluster import REPLICAS, Cluster, model_repository
+from sinkserve.failover import answered_once, converse
 
 # The CPU default engine and its window (no 10-turn conversation fills it), on one
 # thread a replica: three engines of two OpenMP threads on two cores would oversubscribe

@@ -36,12 +36,12 @@ from typing import Any
 from hypothesis import strategies as st
 from tqdm import tqdm
 
-from service.engine.tokenizer import Tokenizer
-from service.engine.weights import default_model_path
-from service.gateway.auth import Authenticator
-from service.gateway.config import GatewayConfig
-from service.gateway.server import Gateway
-from service.triton.launcher import TritonServer
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import default_model_path
+from sinkserve.gateway.auth import Authenticator
+from sinkserve.gateway.config import GatewayConfig
+from sinkserve.gateway.server import Gateway
+from sinkserve.triton_server.launcher import TritonServer
 from tests.gateway.conftest import (
     E2E_MAX_SESSIONS,
     E2E_MAX_SESSIONS_PER_OWNER,

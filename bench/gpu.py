@@ -36,15 +36,18 @@ from pathlib import Path
 
 import torch
 
+# The checkout (for `bench.*`) and service/ (for `sinkserve`): GPU hosts run these
+# scripts from a copy of the repository, without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.config import EngineConfig
-from service.engine.model import Llama
-from service.engine.runner import TorchRunner
-from service.engine.sampler import SampleRow
-from service.engine.scheduler import StepItem
-from service.engine.types import SamplingParams
-from service.engine.weights import ModelConfig
+from sinkserve.config import EngineConfig
+from sinkserve.engine.model import Llama
+from sinkserve.engine.runner import TorchRunner
+from sinkserve.engine.sampler import SampleRow
+from sinkserve.engine.scheduler import StepItem
+from sinkserve.engine.types import SamplingParams
+from sinkserve.engine.weights import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def engine_vs_oracle(dev: torch.device) -> dict:
     """Relative logits error ||got - ref|| / ||ref|| per sampled row of the CUDA runner and
     of the eager bfloat16 runner against the float32 oracle. Each runner's greedy turns are
     replayed through the oracle (tests/oracle.py) on the CPU."""
-    from service.engine.cuda_runner import CudaGraphRunner
+    from sinkserve.engine.cuda_runner import CudaGraphRunner
     from tests.engine.helpers import RecordingEngine, synthetic_tokenizer, tiny_model
     from tests.engine.test_engine_matches_oracle import Conversation, run_until_idle, tokens
 
@@ -292,7 +295,7 @@ def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
 
 
 def runner_for(model: Llama, sessions: int, window: int, dev: torch.device, **kw):
-    from service.engine.cuda_runner import CudaGraphRunner
+    from sinkserve.engine.cuda_runner import CudaGraphRunner
 
     config = EngineConfig(
         device=str(dev),
@@ -352,7 +355,7 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
     """Our CUDA runner and the HF StreamingLLM reference, same weights and cache contents
     (the reference's pre-RoPE keys, rotated at their absolute positions for ours)."""
     from bench.streaming_reference import HFStreamingReference, PlainDecode
-    from service.engine.rope import cos_sin
+    from sinkserve.engine.rope import cos_sin
     from tests.engine.test_triton_kernels import rotate
 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

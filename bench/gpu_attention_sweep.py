@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench_cudagraph
 
+# The checkout (for `bench.*`) and service/ (for `sinkserve`): GPU hosts run these
+# scripts from a copy of the repository, without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import save_result
-from service.engine.fused_ops import gemv
-from service.engine.rope import cos_sin, inv_frequencies
-from service.engine.sink_attention import AttnConfig, decode_attention
+from sinkserve.engine.kernels.fused_ops import gemv
+from sinkserve.engine.kernels.sink_attention import AttnConfig, decode_attention
+from sinkserve.engine.rope import cos_sin, inv_frequencies
 
 SHAPES = [  # (splits, block_n, num_warps, num_stages)
     (17, 128, 4, 1), (17, 128, 8, 1), (16, 128, 4, 1), (24, 128, 4, 1), (32, 64, 4, 1),

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
+# The checkout (for `bench.*`) and service/ (for `sinkserve`): GPU hosts run these
+# scripts from a copy of the repository, without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import copy_bandwidth, save_result
-from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
-from service.engine.rope import cos_sin, inv_frequencies
-from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
+from sinkserve.engine.kernels.fused_ops import add_rms_norm, gemv, silu_mul
+from sinkserve.engine.kernels.sink_attention import AttnConfig, attention_config, decode_attention
+from sinkserve.engine.rope import cos_sin, inv_frequencies
 
 
 def bench_ms(fn) -> float:

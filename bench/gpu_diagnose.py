@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 
+# The checkout (for `bench.*`) and service/ (for `sinkserve`): GPU hosts run these
+# scripts from a copy of the repository, without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import engine_vs_oracle
-from service.engine import cuda_runner
+from sinkserve.engine import cuda_runner
 
 
 def main() -> None:

@@ -41,6 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The checkout (for `bench.*`) and service/ (for `sinkserve`): GPU hosts run these
+# scripts from a copy of the repository, without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import LLAMA3_8B, Shape, random_llama
@@ -145,9 +148,9 @@ class SinkserveDriver:
     def __init__(self, shape: Shape, max_sessions: int, args: argparse.Namespace) -> None:
         import torch
 
-        from service.config import EngineConfig
-        from service.engine.cuda_runner import CudaGraphRunner
-        from service.engine.engine import Engine
+        from sinkserve.config import EngineConfig
+        from sinkserve.engine.cuda_runner import CudaGraphRunner
+        from sinkserve.engine.engine import Engine
         from tests.engine.helpers import synthetic_tokenizer
 
         cuda = not args.smoke
@@ -177,7 +180,7 @@ class SinkserveDriver:
         }
 
     def run(self, load: Workload) -> tuple[list[Conversation], float]:
-        from service.engine.types import SamplingParams, TokenEvent, TurnEnd
+        from sinkserve.engine.types import SamplingParams, TokenEvent, TurnEnd
 
         params = SamplingParams(max_new_tokens=load.reply, ignore_eos=True)
         convs = [Conversation(i) for i in range(load.sessions)]

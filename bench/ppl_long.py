@@ -1,7 +1,7 @@
 """Perplexity over millions of tokens through one session's cache, sinks against window.
 
 Streams the first `--tokens` tokens of a long text (bench/long_text.py) through one KV
-slot with the serving cache code (`service.engine.perplexity.streaming_nll`), `--chunk`
+slot with the serving cache code (`sinkserve.engine.perplexity.streaming_nll`), `--chunk`
 tokens a step with every token scored, once with attention sinks (4+1020) and once with
 window attention (0+1024, the same cache size). Reports perplexity per `--block` tokens,
 the process's RSS and the device memory at the end of each block, and the wall time.
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from service.config import EngineConfig
-from service.engine.loader import load_model
-from service.engine.perplexity import PplResult, read_text, streaming_nll
-from service.engine.runner import TorchRunner
+from sinkserve.config import EngineConfig
+from sinkserve.engine.loader import load_model
+from sinkserve.engine.perplexity import PplResult, read_text, streaming_nll
+from sinkserve.engine.runner import TorchRunner
 
 MODES = {"sinks": (4, 1020), "window": (0, 1024)}
 

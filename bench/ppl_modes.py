@@ -16,16 +16,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from service.config import EngineConfig
-from service.engine.loader import load_model
-from service.engine.perplexity import (
+from sinkserve.config import EngineConfig
+from sinkserve.engine.loader import load_model
+from sinkserve.engine.perplexity import (
     MODES,
     cache_shape,
     plot_running_ppl,
     read_text,
     streaming_nll,
 )
-from service.engine.runner import TorchRunner
+from sinkserve.engine.runner import TorchRunner
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.streaming import TEXT, run_turn
-from service.bench import machine_name, model_name
-from service.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.perplexity import read_text
-from service.engine.types import SamplingParams, Usage
+from sinkserve.bench import machine_name, model_name
+from sinkserve.config import EngineConfig
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.perplexity import read_text
+from sinkserve.engine.types import SamplingParams, Usage
 
 
 def cpu_model() -> str:

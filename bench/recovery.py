@@ -23,9 +23,9 @@ from pathlib import Path
 
 import grpc
 
-from service.client import ChatClient, sampling
-from service.cluster import Replica, descendant, serving
-from service.triton.launcher import default_model_repository
+from sinkserve.client import ChatClient, sampling
+from sinkserve.cluster import Replica, descendant, serving
+from sinkserve.triton_server.launcher import default_model_repository
 
 LONG = "Write a long story about a dragon who learns to cook."
 

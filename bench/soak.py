@@ -65,15 +65,15 @@ import grpc
 import structlog
 from tqdm import tqdm
 
-from service import cluster
-from service.bench import percentiles
-from service.client import ChatClient, sampling
-from service.cluster import Replica, process_tree, running, serving
-from service.engine.tokenizer import Tokenizer
-from service.engine.weights import default_model_path
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
-from service.logs import configure_logging
+from sinkserve import cluster
+from sinkserve.bench import percentiles
+from sinkserve.client import ChatClient, sampling
+from sinkserve.cluster import Replica, process_tree, running, serving
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import default_model_path
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.logs import configure_logging
 
 MAX_MINUTES = 24 * 60.0
 # The engine on one thread: the gateway, tritonserver, this client (and, on a shared

@@ -19,11 +19,11 @@ import threading
 import time
 from pathlib import Path
 
-from service.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.perplexity import read_text
-from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
-from service.procstat import rss_mb
+from sinkserve.config import EngineConfig
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.perplexity import read_text
+from sinkserve.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
+from sinkserve.procstat import rss_mb
 
 TEXT = Path(".cache/kjv-psalms.txt")  # made by `make testdata`
 

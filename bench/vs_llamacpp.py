@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from service.bench import engine_driver, machine_name, model_name, plot, steady_decode_rate
-from service.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.loader import model_path
-from service.logs import configure_logging
+from sinkserve.bench import engine_driver, machine_name, model_name, plot, steady_decode_rate
+from sinkserve.config import EngineConfig
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.loader import model_path
+from sinkserve.logs import configure_logging
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
 

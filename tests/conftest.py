@@ -12,12 +12,12 @@ import pytest
 # any test module imports one. GPU results come from bench/gpu.py (bench/results/).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from service.engine.tokenizer import Tokenizer
-from service.engine.weights import default_model_path
-from service.gateway.auth import Authenticator
-from service.gateway.config import GatewayConfig
-from service.gateway.server import Gateway
-from service.redis_server import INSTALL_HINT, RedisServer
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import default_model_path
+from sinkserve.gateway.auth import Authenticator
+from sinkserve.gateway.config import GatewayConfig
+from sinkserve.gateway.server import Gateway
+from sinkserve.redis_server import INSTALL_HINT, RedisServer
 from tests.gateway.conftest import (
     E2E_MAX_SESSIONS,
     E2E_MAX_SESSIONS_PER_OWNER,
@@ -37,7 +37,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A real redis-server (service/redis_server.py) on a free port, stopped at teardown.
+    """A real redis-server (service/sinkserve/redis_server.py) on a free port, stopped at teardown.
     Fails, never skips, where redis-server is not installed."""
     if shutil.which("redis-server") is None:
         pytest.fail(INSTALL_HINT, pytrace=False)
@@ -50,7 +50,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 # A gateway in this event loop, and (for end-to-end tests) a real tritonserver: shared by
 # tests/gateway and tests/openai_api, so one run starts one Triton. The end-to-end fixture
 # starts tritonserver with the real model repository and engine via
-# `service.triton.launcher.TritonServer`, with a session store of its own in a temp dir.
+# `sinkserve.triton_server.launcher.TritonServer`, with a session store of its own in a temp dir.
 # `SINKSERVE_E2E_TRITON_URL=host:port` points the tests at an already running Triton
 # serving the real model instead (e.g. a deployed one).
 
@@ -87,7 +87,7 @@ def triton_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("SINKSERVE_E2E_TRITON_URL"):
         yield url
         return
-    from service.triton.launcher import TritonServer
+    from sinkserve.triton_server.launcher import TritonServer
 
     repo = tmp_path_factory.mktemp("model_repo") / "triton_model_repo"
     shutil.copytree(REPO_ROOT / "triton_model_repo", repo)

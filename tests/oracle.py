@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from service.engine.rope import inv_frequencies
+from sinkserve.engine.rope import inv_frequencies
 
 
 def _rope(x: torch.Tensor, position: int, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import argparse
 
 import grpc
 
-from service.bench import (
+from sinkserve.bench import (
     Trace,
     add_bench_parser,
     gateway_driver,
@@ -15,8 +15,8 @@ from service.bench import (
     steady_decode_rate,
     summarize,
 )
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 
 
 def test_percentiles_are_nearest_rank_in_milliseconds():
@@ -45,7 +45,7 @@ def test_bench_flags_parse_a_list_of_session_counts():
 
 
 def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys, monkeypatch):
-    from service import cli
+    from sinkserve import cli
 
     # main() would point the process-wide structlog at this test's captured stderr.
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)

@@ -28,8 +28,8 @@ from bench.soak import (
     text_problem,
     warmup_s,
 )
-from service.engine.tokenizer import Tokenizer
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = 4 + 1020  # sinks + window of the default model config
@@ -112,7 +112,7 @@ def test_a_three_minute_soak_loses_no_turn_and_leaks_no_descriptor(tmp_path: Pat
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "soak.py"), *args, "--out", str(out)],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "service")])},
         capture_output=True,
         text=True,
         timeout=540,

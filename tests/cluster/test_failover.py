@@ -1,4 +1,4 @@
-"""Three replicas behind HAProxy on loopback, sharing Redis (service/cluster.py): 24
+"""Three replicas behind HAProxy on loopback, sharing Redis (service/sinkserve/cluster.py): 24
 sessions hold 10-turn conversations while one replica is SIGKILLed after turn 3 and
 another SIGTERMed after turn 6. Every session completes, no turn is answered twice, and
 greedy replies equal those of the same conversations without faults.
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.cluster import Cluster
-from service.failover import answered_once, converse
+from sinkserve.cluster import Cluster
+from sinkserve.failover import answered_once, converse
 from tests.faults.stack import model_repository
 
 SESSIONS, TURNS = 24, 10

@@ -31,15 +31,15 @@ import yaml
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from service.cli import build_parser
-from service.engine.store import RedisStore, open_store
-from service.gateway.auth import parse_tokens
-from service.gateway.cli import config_from_args
-from service.gateway.config import GatewayConfig
-from service.serve import gateway_config, triton_server
-from service.triton.launcher import REPLICA_ENV, STORE_ENV, free_port
-from service.triton.metrics import GAUGES
-from service.triton.settings import ModelSettings, parse_parameters
+from sinkserve.cli import build_parser
+from sinkserve.engine.store import RedisStore, open_store
+from sinkserve.gateway.auth import parse_tokens
+from sinkserve.gateway.cli import config_from_args
+from sinkserve.gateway.config import GatewayConfig
+from sinkserve.serve import gateway_config, triton_server
+from sinkserve.triton_server.launcher import REPLICA_ENV, STORE_ENV, free_port
+from sinkserve.triton_server.metrics import GAUGES
+from sinkserve.triton_server.settings import ModelSettings, parse_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

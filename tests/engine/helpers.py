@@ -8,13 +8,13 @@ from collections.abc import Callable
 import tokenizers
 import torch
 
-from service.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.model import Llama
-from service.engine.runner import TorchRunner, torch_dtype
-from service.engine.store import SessionStore
-from service.engine.tokenizer import Tokenizer
-from service.engine.weights import ModelConfig
+from sinkserve.config import EngineConfig
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.model import Llama
+from sinkserve.engine.runner import TorchRunner, torch_dtype
+from sinkserve.engine.store import SessionStore
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import ModelConfig
 
 
 def tiny_model(

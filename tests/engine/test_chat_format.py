@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from service.engine.chat_format import ChatFormat
-from service.engine.tokenizer import Tokenizer
+from sinkserve.engine.chat_format import ChatFormat
+from sinkserve.engine.tokenizer import Tokenizer
 
 
 def test_a_whole_conversation_encodes_as_the_templates_first_turn_does(

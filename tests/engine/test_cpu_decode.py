@@ -1,4 +1,4 @@
-"""The fused C++ decode step (service/engine/cpu_decode.cpp) against the eager path it
+"""The fused C++ decode step (service/sinkserve/engine/cpu_decode.cpp) against the eager path it
 replaces and against the plain StreamingLLM oracle."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import structlog
 import torch
 
-from service.config import EngineConfig
-from service.engine import cpu_decode
-from service.engine.model import Llama
-from service.engine.quant import Int4Weight
-from service.engine.runner import TorchRunner, torch_dtype
-from service.engine.scheduler import StepItem
+from sinkserve.config import EngineConfig
+from sinkserve.engine import cpu_decode
+from sinkserve.engine.model import Llama
+from sinkserve.engine.quant import Int4Weight
+from sinkserve.engine.runner import TorchRunner, torch_dtype
+from sinkserve.engine.scheduler import StepItem
 from tests.engine.helpers import RecordingEngine, tiny_model
 from tests.engine.test_engine_matches_oracle import check_three_bfloat16_sessions, tokens
 

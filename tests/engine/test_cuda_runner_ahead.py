@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from service.config import EngineConfig
-from service.engine.cuda_runner import CudaGraphRunner
-from service.engine.model import Llama
-from service.engine.sampler import SampleRow
-from service.engine.scheduler import StepItem
-from service.engine.types import SamplingParams
+from sinkserve.config import EngineConfig
+from sinkserve.engine.cuda_runner import CudaGraphRunner
+from sinkserve.engine.model import Llama
+from sinkserve.engine.sampler import SampleRow
+from sinkserve.engine.scheduler import StepItem
+from sinkserve.engine.types import SamplingParams
 from tests.engine.helpers import tiny_model
 
 

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 
-from service.engine.cuda_runner import CudaGraphRunner
+from sinkserve.engine.cuda_runner import CudaGraphRunner
 from tests.engine.helpers import RecordingEngine, tiny_model
 from tests.engine.test_engine_matches_oracle import (
     Conversation,

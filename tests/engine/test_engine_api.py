@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from service.engine.types import (
+from sinkserve.engine.types import (
     FinishReason,
     InvalidRequest,
     ResourceExhausted,

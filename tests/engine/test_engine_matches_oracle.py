@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from service.engine.types import SamplingParams, TokenEvent, TurnEnd
+from sinkserve.engine.types import SamplingParams, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, tiny_model
 from tests.oracle import PlainStreamingLLM
 

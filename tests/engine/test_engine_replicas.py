@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.store import SessionRecord, SQLiteStore
-from service.engine.types import FinishReason, SessionBusy, TokenEvent, TurnEnd
+from sinkserve.engine.store import SessionRecord, SQLiteStore
+from sinkserve.engine.types import FinishReason, SessionBusy, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, tiny_model
 
 LEASE_S = 1.5

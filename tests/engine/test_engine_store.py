@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.store import RedisStore, SQLiteStore
-from service.engine.types import (
+from sinkserve.engine.store import RedisStore, SQLiteStore
+from sinkserve.engine.types import (
     FinishReason,
     SamplingParams,
     StoreUnreachable,
@@ -17,7 +17,7 @@ from service.engine.types import (
     TurnEnd,
     UnknownSession,
 )
-from service.redis_server import RedisServer
+from sinkserve.redis_server import RedisServer
 from tests.engine.helpers import RecordingEngine, tiny_model
 from tests.waits import wait_until
 

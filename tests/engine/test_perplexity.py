@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import EngineConfig
-from service.engine.loader import load_model
-from service.engine.model import Llama
-from service.engine.perplexity import PplResult, cache_shape, read_text, streaming_nll
-from service.engine.runner import TorchRunner
-from service.engine.types import Event, SamplingParams, TurnEnd
-from service.engine.weights import ModelConfig
+from sinkserve.config import EngineConfig
+from sinkserve.engine.loader import load_model
+from sinkserve.engine.model import Llama
+from sinkserve.engine.perplexity import PplResult, cache_shape, read_text, streaming_nll
+from sinkserve.engine.runner import TorchRunner
+from sinkserve.engine.types import Event, SamplingParams, TurnEnd
+from sinkserve.engine.weights import ModelConfig
 from tests.engine.helpers import RecordingEngine, synthetic_tokenizer, tiny_model
 
 TEXT = Path(__file__).resolve().parents[2] / ".cache" / "kjv-psalms.txt"

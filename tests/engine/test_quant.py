@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.config import ConfigError, EngineConfig
-from service.engine.model import Llama
-from service.engine.perplexity import read_text
-from service.engine.quant import AMX_DENSE, PLAIN_DENSE, DenseCopy, linear, quantize_int4
-from service.engine.runner import TorchRunner
-from service.engine.scheduler import StepItem
-from service.engine.weights import default_model_path, load_checkpoint
+from sinkserve.config import ConfigError, EngineConfig
+from sinkserve.engine.model import Llama
+from sinkserve.engine.perplexity import read_text
+from sinkserve.engine.quant import AMX_DENSE, PLAIN_DENSE, DenseCopy, linear, quantize_int4
+from sinkserve.engine.runner import TorchRunner
+from sinkserve.engine.scheduler import StepItem
+from sinkserve.engine.weights import default_model_path, load_checkpoint
 
 TEXT = Path(__file__).resolve().parents[2] / ".cache" / "kjv-psalms.txt"  # make testdata
 

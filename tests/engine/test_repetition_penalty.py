@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from service.engine.types import FinishReason, SamplingParams, TokenEvent, TurnEnd
+from sinkserve.engine.types import FinishReason, SamplingParams, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, tiny_model
 
 

@@ -3,9 +3,9 @@ default, or greedy where the configuration asks for it."""
 
 from __future__ import annotations
 
-from service.config import EngineConfig
-from service.engine.sampling_defaults import default_sampling
-from service.engine.types import SamplingParams
+from sinkserve.config import EngineConfig
+from sinkserve.engine.sampling_defaults import default_sampling
+from sinkserve.engine.types import SamplingParams
 
 CHAT = EngineConfig()  # sampling="model"
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from service.engine.scheduler import Scheduler, Session, Turn
-from service.engine.slots import SlotManager
-from service.engine.stops import StopMatcher
-from service.engine.types import SamplingParams
+from sinkserve.engine.scheduler import Scheduler, Session, Turn
+from sinkserve.engine.slots import SlotManager
+from sinkserve.engine.stops import StopMatcher
+from sinkserve.engine.types import SamplingParams
 
 
 def make_turn(sched: Scheduler, session: Session, n: int, now: float = 0.0) -> Turn:
@@ -22,7 +22,8 @@ def make_turn(sched: Scheduler, session: Session, n: int, now: float = 0.0) -> T
 
 def test_the_scheduler_and_slot_manager_import_no_torch():
     code = (
-        "import sys, service.engine.scheduler, service.engine.slots; print('torch' in sys.modules)"
+        "import sys, sinkserve.engine.scheduler, sinkserve.engine.slots; "
+        "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

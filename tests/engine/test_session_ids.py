@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.engine.engine import Engine
-from service.engine.tokenizer import Tokenizer
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.tokenizer import Tokenizer
 from tests.engine.helpers import RecordingEngine, tiny_model
 
 OPENED = 200

@@ -1,4 +1,4 @@
-"""The durable session store (service/engine/store.py): records, both backends against
+"""The durable session store (service/sinkserve/engine/store.py): records, both backends against
 the real thing (an SQLite file, a real redis-server), and the background writer."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from service.engine.store import (
+from sinkserve.engine.store import (
     RedisStore,
     SessionRecord,
     SessionStore,
@@ -22,7 +22,7 @@ from service.engine.store import (
     StoreWriter,
     open_store,
 )
-from service.redis_server import RedisServer
+from sinkserve.redis_server import RedisServer
 
 HOUR = 3600.0
 

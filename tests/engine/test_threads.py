@@ -9,10 +9,10 @@ import threading
 
 import torch
 
-import service.engine.loader as loader
-from service.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.types import SamplingParams
+import sinkserve.engine.loader as loader
+from sinkserve.config import EngineConfig
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.types import SamplingParams
 
 
 def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monkeypatch):

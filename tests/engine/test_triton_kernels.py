@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from service.engine.fused_ops import add_rms_norm, gemv, silu_mul
-from service.engine.rope import cos_sin, inv_frequencies
-from service.engine.sink_attention import AttnConfig, decode_attention
+from sinkserve.engine.kernels.fused_ops import add_rms_norm, gemv, silu_mul
+from sinkserve.engine.kernels.sink_attention import AttnConfig, decode_attention
+from sinkserve.engine.rope import cos_sin, inv_frequencies
 
 TOL = 1e-4
 

@@ -10,9 +10,9 @@ from gguf import GGUFWriter
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 
-from service.engine.gguf_file import open_gguf
-from service.engine.tokenizer import Tokenizer
-from service.engine.weights import (
+from sinkserve.engine.gguf_file import open_gguf
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import (
     ModelConfig,
     RopeScaling,
     Weights,

@@ -1,4 +1,4 @@
-"""Real processes for fault tests: `sinkserve serve` (service.cluster.Replica) on free
+"""Real processes for fault tests: `sinkserve serve` (sinkserve.cluster.Replica) on free
 loopback ports with a small model configuration, and the tools to find the processes
 under it, read its metrics and watch its health while it recovers."""
 
@@ -10,8 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from service import cluster
-from service.cluster import SINKSERVE, Child, Replica
+from sinkserve import cluster
+from sinkserve.cluster import SINKSERVE, Child, Replica
 
 TOKENS = "alice:alice-token\nbob:bob-token\n"
 # Small and quick on 2 cores; a window long enough that the tests' turns never evict.

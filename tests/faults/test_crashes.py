@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service.client import ChatClient, sampling
-from service.cluster import Replica, descendant, running
-from service.triton.launcher import free_port
+from sinkserve.client import ChatClient, sampling
+from sinkserve.cluster import Replica, descendant, running
+from sinkserve.triton_server.launcher import free_port
 from tests.faults.stack import gateway, stack, wait_health
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?"]

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from service.client import ChatClient, sampling
-from service.cluster import Replica
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.client import ChatClient, sampling
+from sinkserve.cluster import Replica
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from tests.faults.stack import model_repository, tokens_file, wait_health
 
 READY_S = 300

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.client import ChatClient, sampling
-from service.engine.store import RedisStore
-from service.redis_server import RedisServer
+from sinkserve.client import ChatClient, sampling
+from sinkserve.engine.store import RedisStore
+from sinkserve.redis_server import RedisServer
 from tests.faults.stack import metric, stack, wait_health
 
 READY_S = 300

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.gateway.server import Gateway
+from sinkserve.gateway.server import Gateway
 
 # carol is the caller of the per-caller session limit test only: her count is its own.
 TOKENS = {"alice-token": "alice", "bob-token": "bob", "carol-token": "carol"}

@@ -46,12 +46,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from service.client import ChatClient, sampling
-from service.engine.tokenizer import Tokenizer
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
-from service.gateway.backend import TritonBackend
-from service.gateway.errors import GatewayError
+from sinkserve.client import ChatClient, sampling
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.gateway.backend import TritonBackend
+from sinkserve.gateway.errors import GatewayError
 
 T = TypeVar("T")
 Code: TypeAlias = grpc.StatusCode

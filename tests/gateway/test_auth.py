@@ -17,9 +17,9 @@ import grpc
 import pytest
 import structlog
 
-from service.client import ChatClient, sampling
-from service.config import ConfigError
-from service.gateway.auth import ANONYMOUS, Authenticator, parse_tokens
+from sinkserve.client import ChatClient, sampling
+from sinkserve.config import ConfigError
+from sinkserve.gateway.auth import ANONYMOUS, Authenticator, parse_tokens
 from tests.gateway.conftest import REPO_ROOT, GatewayFactory, free_port, served, target
 from tests.gateway.test_gateway_without_triton import code_of, scrape
 
@@ -238,7 +238,7 @@ async def test_sighup_makes_a_gateway_process_reload_its_tokens(tmp_path: Path) 
     path.write_text("alice:alice-token\n")
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "--log-json", "gateway",
+        sys.executable, "-m", "sinkserve.cli", "--log-json", "gateway",
         "--port", str(port), "--metrics-port", "-1", "--triton-url", f"127.0.0.1:{free_port()}",
         "--tokens-file", str(path), "--tokens-env", "",
         # No file check within the test (the watcher waits an hour): only SIGHUP reloads.

@@ -7,8 +7,8 @@ import re
 import grpc
 import pytest
 
-from service.chat import _chat, add_chat_parser, local_sampling
-from service.client import ChatClient, sampling
+from sinkserve.chat import _chat, add_chat_parser, local_sampling
+from sinkserve.client import ChatClient, sampling
 from tests.gateway.conftest import GatewayFactory, served, target
 
 

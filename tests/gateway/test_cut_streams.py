@@ -8,9 +8,9 @@ import asyncio
 import grpc
 import pytest
 
-from service.client import ChatClient, sampling
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway.server import Gateway
+from sinkserve.client import ChatClient, sampling
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway.server import Gateway
 from tests.gateway.conftest import GatewayFactory, served, target
 from tests.gateway.test_gateway_without_triton import scrape
 from tests.waits import until

@@ -3,9 +3,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.config import ConfigError
-from service.gateway.config import GatewayConfig
-from service.gateway.errors import from_triton_message
+from sinkserve.config import ConfigError
+from sinkserve.gateway.config import GatewayConfig
+from sinkserve.gateway.errors import from_triton_message
 
 
 @pytest.mark.parametrize(

@@ -28,10 +28,10 @@ import grpc
 import pytest
 from hypothesis import strategies as st
 
-from service.client import sampling
-from service.engine.tokenizer import Tokenizer
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.client import sampling
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, served, target
 from tests.gateway.fuzz_requests import (
     QUEUED_TURNS,

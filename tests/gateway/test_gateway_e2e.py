@@ -14,9 +14,9 @@ import pytest
 import tritonclient.grpc.aio as triton_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import ChatClient, SyncChatClient, sampling
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.client import ChatClient, SyncChatClient, sampling
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, served, target
 from tests.waits import until
 

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from service.client import ChatClient, sampling
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.client import ChatClient, sampling
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from tests.gateway.conftest import REPO_ROOT, free_port, wait_serving
 
 
 async def test_sigterm_lets_the_running_turn_finish_then_exits_cleanly(triton_url: str) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.cli", "--log-json", "gateway",
+        sys.executable, "-m", "sinkserve.cli", "--log-json", "gateway",
         "--port", str(port), "--metrics-port", "-1",
         "--triton-url", triton_url, "--no-auth", "--health-interval-s", "0.2",
         cwd=REPO_ROOT, stderr=asyncio.subprocess.PIPE,
@@ -52,7 +52,7 @@ async def test_a_port_already_taken_is_a_clear_error_not_a_traceback(flag: str) 
         ports = {"--port": free_port(), "--metrics-port": -1, "--http-port": -1}
         ports[flag] = busy
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service.cli", "gateway",
+            sys.executable, "-m", "sinkserve.cli", "gateway",
             *(str(a) for kv in ports.items() for a in kv),
             "--triton-url", f"127.0.0.1:{free_port()}", "--no-auth",
             cwd=REPO_ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import filecmp
 from pathlib import Path
 
-from service.gateway import protogen
+from sinkserve.gateway import protogen
 
 
 def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
@@ -21,6 +21,6 @@ def test_committed_generated_code_matches_the_proto(tmp_path: Path) -> None:
     generated = {p.relative_to(tmp_path / "_proto") for p in fresh}
     extra = sorted(str(p) for p in committed - generated)
     assert not stale and not extra, (
-        f"service/gateway/_proto is stale (differs: {stale}, not generated: {extra}); "
+        f"service/sinkserve/gateway/_proto is stale (differs: {stale}, not generated: {extra}); "
         f"regenerate with `{protogen.REGEN_COMMAND}` and commit the result"
     )

@@ -9,9 +9,9 @@ import asyncio
 import grpc
 import pytest
 
-from service.client import ChatClient, sampling
-from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from service.gateway._proto.sinkserve.v1 import chat_pb2_grpc
+from sinkserve.client import ChatClient, sampling
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 from tests.gateway.conftest import GatewayFactory, served, target
 from tests.waits import until
 

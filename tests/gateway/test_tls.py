@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from service.chat import _chat
-from service.cli import build_parser
-from service.client import ChatClient, SyncChatClient, TLSConfig
-from service.config import ConfigError
-from service.gateway.cli import config_from_args
-from service.gateway.config import GatewayConfig
-from service.serve import gateway_config
+from sinkserve.chat import _chat
+from sinkserve.cli import build_parser
+from sinkserve.client import ChatClient, SyncChatClient, TLSConfig
+from sinkserve.config import ConfigError
+from sinkserve.gateway.cli import config_from_args
+from sinkserve.gateway.config import GatewayConfig
+from sinkserve.serve import gateway_config
 from tests.gateway.conftest import GatewayFactory, target
 from tests.gateway.test_chat_cli import chat_args
 

@@ -16,10 +16,10 @@ import tritonclient.grpc.aio as triton_aio
 from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2
 
-from service.cli import build_parser
-from service.cluster import process_tree
-from service.serve import triton_server
-from service.triton.launcher import Installation, TritonServer
+from sinkserve.cli import build_parser
+from sinkserve.cluster import process_tree
+from sinkserve.serve import triton_server
+from sinkserve.triton_server.launcher import Installation, TritonServer
 from tests.gateway.conftest import GatewayFactory, served, target
 
 ALICE = (("authorization", "Bearer alice-token"),)

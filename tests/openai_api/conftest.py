@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import AsyncOpenAI
 
-from service.gateway.server import Gateway
+from sinkserve.gateway.server import Gateway
 from tests.gateway.conftest import GatewayFactory, served
 
 MODEL = "sinkserve"

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from service.cli import build_parser
-from service.gateway.cli import config_from_args
-from service.serve import gateway_config
+from sinkserve.cli import build_parser
+from sinkserve.gateway.cli import config_from_args
+from sinkserve.serve import gateway_config
 
 
 def test_serve_listens_for_the_openai_api_on_loopback_8080_and_the_gateway_when_asked() -> None:

@@ -12,7 +12,7 @@ import sys
 
 from openai import AsyncOpenAI
 
-from service.gateway.server import Gateway
+from sinkserve.gateway.server import Gateway
 from tests.gateway.conftest import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs" / "openai.md"

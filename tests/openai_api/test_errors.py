@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from service.gateway.server import Gateway
+from sinkserve.gateway.server import Gateway
 from tests.gateway.conftest import GatewayFactory, served
 from tests.openai_api.conftest import MODEL, base_url, sdk
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.gateway import openai_wire as wire
-from service.gateway.errors import GatewayError
-from service.gateway.openai_http import api_error
-from service.gateway.openai_wire import ApiError
+from sinkserve.gateway import openai_wire as wire
+from sinkserve.gateway.errors import GatewayError
+from sinkserve.gateway.openai_http import api_error
+from sinkserve.gateway.openai_wire import ApiError
 
 
 def test_ids_name_their_session_and_turn_and_nothing_else_parses() -> None:

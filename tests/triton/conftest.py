@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-from service.triton.launcher import TritonServer, default_model_repository
+from sinkserve.triton_server.launcher import TritonServer, default_model_repository
 
 MODEL = "sinkserve"
 # Small enough for CPU; the window rolls within a few turns.

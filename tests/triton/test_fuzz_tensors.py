@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from service.triton.launcher import TritonServer
+from sinkserve.triton_server.launcher import TritonServer
 from tests.gateway.fuzz_requests import Tally, fuzz, scaled, shrink
 from tests.triton.fuzz_tensors import HIGH_STREAM, SETTLE_S, TensorFuzzer, tensor_cases
 

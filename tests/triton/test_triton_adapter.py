@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from service.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
-from service.triton.adapter import (
+from sinkserve.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
+from sinkserve.triton_server.adapter import (
     CancelWatcher,
     SendQueue,
     StreamPacer,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.engine import SessionSnapshot
-from service.triton.handoff import Handoff
+from sinkserve.engine.engine import SessionSnapshot
+from sinkserve.triton_server.handoff import Handoff
 
 
 def snap(sid: str, kv: object = None) -> SessionSnapshot:

@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.triton.launcher import find_installation, repo_root
+from sinkserve.triton_server.launcher import find_installation, package_parent
 
 
 def test_a_tritonserver_in_path_is_preferred_with_its_own_backends(tmp_path: Path, monkeypatch):
@@ -30,6 +30,6 @@ def test_the_wheels_server_gets_a_private_backend_dir_with_this_pythons_stub(
     assert (python / "libtriton_python.so").resolve().is_file()
     assert "nvidia_pytriton.libs" in install.env["LD_LIBRARY_PATH"]
     assert install.env["PATH"].startswith(str(Path(sys.executable).parent))
-    assert install.env["PYTHONPATH"].split(os.pathsep)[0] == str(repo_root())
+    assert install.env["PYTHONPATH"].split(os.pathsep)[0] == str(package_parent())
     # Preparing it again is a no-op.
     assert find_installation(cache_dir=tmp_path).backend_dir == install.backend_dir

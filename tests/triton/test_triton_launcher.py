@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import MODEL, TEST_PARAMETERS, write_parameters
 
-from service.triton.launcher import (
+from sinkserve.triton_server.launcher import (
     TritonLaunchError,
     TritonServer,
     default_model_repository,
@@ -21,7 +21,7 @@ from service.triton.launcher import (
 
 RUN_SUBCOMMAND = """
 import argparse, sys
-from service.triton.cli import add_triton_parser
+from sinkserve.triton_server.cli import add_triton_parser
 parser = argparse.ArgumentParser(prog="sinkserve")
 add_triton_parser(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import MODEL, TEST_PARAMETERS, write_parameters
 
-from service.triton.launcher import TritonServer
+from sinkserve.triton_server.launcher import TritonServer
 from tests.waits import wait_until
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?", "And of Italy?"]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError
-from service.triton.settings import parse_parameters
+from sinkserve.config import ConfigError
+from sinkserve.triton_server.settings import parse_parameters
 
 
 def params(**values: str) -> dict[str, dict[str, str]]:

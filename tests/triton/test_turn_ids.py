@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.triton.turn_ids import TurnIds
+from sinkserve.triton_server.turn_ids import TurnIds
 
 
 class Engine:

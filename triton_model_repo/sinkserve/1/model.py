@@ -4,7 +4,7 @@
 sessions and calls back with events, which `TurnResponder` turns into streamed
 responses. A request that may wait (on the session store, or for the sessions of the
 instance this one replaces) runs on a thread pool, never in `execute()`.
-Conversion and validation live in `service.triton` (testable without Triton); this file
+Conversion and validation live in `sinkserve.triton_server` (testable without Triton); this file
 holds only what touches `pb_utils`.
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 import structlog
 import triton_python_backend_utils as pb_utils
 
-from service.engine.engine import Engine
-from service.engine.store import GuardedStore, open_store
-from service.engine.types import EngineError
-from service.triton.adapter import (
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.store import GuardedStore, open_store
+from sinkserve.engine.types import EngineError
+from sinkserve.triton_server.adapter import (
     CancelWatcher,
     ModelRequest,
     Outputs,
@@ -37,10 +37,10 @@ from service.triton.adapter import (
     run_control,
     turn_prompt,
 )
-from service.triton.handoff import Handoff
-from service.triton.metrics import EngineMetrics
-from service.triton.settings import kv_fingerprint, parse_parameters
-from service.triton.turn_ids import TurnIds
+from sinkserve.triton_server.handoff import Handoff
+from sinkserve.triton_server.metrics import EngineMetrics
+from sinkserve.triton_server.settings import kv_fingerprint, parse_parameters
+from sinkserve.triton_server.turn_ids import TurnIds
 
 log = structlog.get_logger("sinkserve.triton")
 
