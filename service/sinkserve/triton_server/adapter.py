@@ -262,8 +262,9 @@ class StreamPacer:
     Why: each response costs about 0.3 ms of CPU on its way through tritonserver, the
     gateway and the client, and where those share the engine's cores every wake-up stalls
     the engine's compute threads as well, so with many sessions per-token responses cost
-    far more engine time than their own CPU (bench/README.md has the figures). A budget
-    bounds that cost whatever the load; with few sessions every token still goes out alone.
+    far more engine time than their own CPU (docs/performance.md, "CPU end to end", has the
+    figures). A budget bounds that cost whatever the load; with few sessions every token
+    still goes out alone.
     """
 
     def __init__(self, responses_per_s: float, clock: Callable[[], float] = time.monotonic):
