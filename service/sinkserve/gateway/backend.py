@@ -23,20 +23,8 @@ import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from sinkserve.gateway.errors import GatewayError, from_rpc_error, from_triton_message
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling fields a request sets; None = not set (the session's or server's default)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,7 +32,9 @@ class TurnRequest:
     session_id: str
     owner: str
     text: str  # "" when `messages` is set
-    sampling: Sampling
+    # The sampling fields the request sets (the API's own message); an unset field is the
+    # session's or the server's default, which the model fills in and validates.
+    sampling: pb.SamplingParams
     raw: bool = False
     # A whole conversation ((role, content) pairs) the model's chat template renders as
     # this turn's prompt instead of `text`: only for a new session's first turn.
@@ -131,7 +121,8 @@ class TritonBackend:
 
     async def call(self, action: str, session_id: str = "", owner: str = "", **fields: Any) -> Any:
         """A session call (open, get, end, cancel, list, ping): the model's JSON answer.
-        `fields` are more inputs: system_prompt (str), sampling (a Sampling) and turn_id
+        `fields` are more inputs: system_prompt (str), sampling (a pb.SamplingParams) and
+        turn_id
         (str)."""
         inputs = [_string("request_type", action), _string("owner", owner)]
         if session_id:
@@ -271,19 +262,22 @@ def _string(name: str, *values: str) -> InferInput:
     return _tensor(name, "BYTES", np.array([v.encode() for v in values], dtype=np.object_))
 
 
-def _sampling_inputs(s: Sampling) -> list[InferInput]:
-    fields = (
-        ("max_tokens", "INT32", np.int32, s.max_tokens),
-        ("temperature", "FP32", np.float32, s.temperature),
-        ("top_k", "INT32", np.int32, s.top_k),
-        ("top_p", "FP32", np.float32, s.top_p),
-        ("repetition_penalty", "FP32", np.float32, s.repetition_penalty),
-        ("random_seed", "UINT64", np.uint64, s.seed),
-    )
+# The tensor of each SamplingParams field the model takes (the rest are left out).
+_SAMPLING_TENSORS = (
+    ("max_tokens", "max_tokens", "INT32", np.int32),
+    ("temperature", "temperature", "FP32", np.float32),
+    ("top_k", "top_k", "INT32", np.int32),
+    ("top_p", "top_p", "FP32", np.float32),
+    ("repetition_penalty", "repetition_penalty", "FP32", np.float32),
+    ("seed", "random_seed", "UINT64", np.uint64),
+)
+
+
+def _sampling_inputs(s: pb.SamplingParams) -> list[InferInput]:
     inputs = [
-        _tensor(name, datatype, np.array([value], dtype=dtype))
-        for name, datatype, dtype, value in fields
-        if value is not None
+        _tensor(tensor, datatype, np.array([getattr(s, field)], dtype=dtype))
+        for field, tensor, datatype, dtype in _SAMPLING_TENSORS
+        if s.HasField(field)
     ]
     if s.stop:
         inputs.append(_string("stop_words", *s.stop))

@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sinkserve.gateway.backend import Final, Sampling
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
+from sinkserve.gateway.backend import Final
 
 Json = dict[str, Any]
 # One message of a conversation as the chat template takes it: (role, content).
@@ -74,7 +75,7 @@ class ChatCompletionRequest:
 
     model: str
     messages: tuple[Message, ...]
-    sampling: Sampling
+    sampling: pb.SamplingParams
     stream: bool
     include_usage: bool
     session_id: str | None
@@ -90,7 +91,7 @@ class ResponseRequest:
     instructions: str | None
     conversation: str | None
     previous_response_id: str | None
-    sampling: Sampling
+    sampling: pb.SamplingParams
     stream: bool
     store: bool
 
@@ -243,19 +244,25 @@ class _Body:
         return float(value)
 
 
-def _sampling(b: _Body, max_tokens: int | None, stop: tuple[str, ...]) -> Sampling:
+def _sampling(b: _Body, max_tokens: int | None, stop: tuple[str, ...]) -> pb.SamplingParams:
     """The sampling a request sets; what it leaves out is the session's or the server's
     default (the model validates every value and its limits)."""
     top_p = b.number("top_p", 0.0, 1.0)
     if top_p == 0.0:
         raise bad("top_p must be > 0", "top_p")
-    return Sampling(
+    return pb.SamplingParams(
         max_tokens=max_tokens,
         temperature=b.number("temperature", 0.0, 2.0),
         top_p=top_p,
         seed=b.integer("seed", low=0),
         stop=stop,
     )
+
+
+def _set(sampling: pb.SamplingParams, field: str) -> float | int | None:
+    """A sampling field as the request set it; None when it left it to the defaults."""
+    value: float | int | None = getattr(sampling, field) if sampling.HasField(field) else None
+    return value
 
 
 def _stop(value: object) -> tuple[str, ...]:
@@ -496,9 +503,9 @@ class ResponseShape:
             "parallel_tool_calls": False,
             "tool_choice": "none",
             "tools": [],
-            "temperature": req.sampling.temperature,
-            "top_p": req.sampling.top_p,
-            "max_output_tokens": req.sampling.max_tokens,
+            "temperature": _set(req.sampling, "temperature"),
+            "top_p": _set(req.sampling, "top_p"),
+            "max_output_tokens": _set(req.sampling, "max_tokens"),
             "previous_response_id": req.previous_response_id,
             "conversation": {"id": self.conversation} if self.conversation else None,
             "store": req.store,

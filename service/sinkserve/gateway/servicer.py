@@ -34,7 +34,6 @@ from sinkserve.gateway.stream import (
     Opened,
     StreamDeps,
     read_requests,
-    sampling_of,
 )
 
 _LIST_PAGE_DEFAULT = 100
@@ -169,7 +168,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             "open",
             owner=caller,
             system_prompt=request.system_prompt,
-            sampling=sampling_of(request.sampling),
+            sampling=request.sampling,
         )
         # The session keeps these defaults itself (they outlive this stream).
         return Opened(info["session_id"], caller, pb.SamplingParams()), info

@@ -26,7 +26,7 @@ import grpc
 import structlog
 
 from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
-from sinkserve.gateway.backend import Delta, Final, Sampling, TritonBackend, TurnEvent, TurnRequest
+from sinkserve.gateway.backend import Delta, Final, TritonBackend, TurnEvent, TurnRequest
 from sinkserve.gateway.config import GatewayConfig
 from sinkserve.gateway.decoding import Undecodable
 from sinkserve.gateway.errors import GatewayError
@@ -380,31 +380,17 @@ class ChatStream:
             self.log.info("cancel not delivered", error=err.message)
 
 
-def sampling_of(*sources: pb.SamplingParams) -> Sampling:
-    """The fields set in `sources`, the first that sets a field winning; the model fills
-    and validates the rest (one place for defaults and limits)."""
-
-    def pick(name: str) -> float | int | None:
-        for source in sources:
-            if source.HasField(name):  # type: ignore[arg-type]
-                value: float | int = getattr(source, name)
-                return value
-        return None
-
-    def whole(name: str) -> int | None:
-        value = pick(name)
-        return None if value is None else int(value)
-
-    stop = next((tuple(s.stop) for s in sources if s.stop), ())
-    return Sampling(
-        max_tokens=whole("max_tokens"),
-        temperature=pick("temperature"),
-        top_k=whole("top_k"),
-        top_p=pick("top_p"),
-        repetition_penalty=pick("repetition_penalty"),
-        seed=whole("seed"),
-        stop=stop,
-    )
+def sampling_of(*sources: pb.SamplingParams) -> pb.SamplingParams:
+    """The fields set in `sources`, the first that sets a field winning (the first with
+    stop strings gives them all); the model fills and validates the rest (one place for
+    defaults and limits)."""
+    merged = pb.SamplingParams()
+    for source in reversed(sources):  # later merges overwrite: the first source wins
+        stop = tuple(merged.stop)
+        merged.MergeFrom(source)
+        del merged.stop[:]
+        merged.stop.extend(tuple(source.stop) or stop)
+    return merged
 
 
 async def read_requests(
