@@ -3,7 +3,7 @@
 Commands: `/new` (end this session, start a fresh one), `/end` (end the session and quit),
 `/stats` (the session's cache), `/settings` (the sampling its turns use), `/help`. Sampling
 flags left out take the server's defaults (the model's recommendation, else temperature
-0.7, top-p 0.9, repetition penalty 1.05); `--greedy` asks for temperature 0 and no
+0.8, top-k 40, top-p 0.95, repetition penalty 1.1); `--greedy` asks for temperature 0 and no
 penalty. Ctrl-C during a reply cancels that turn only; Ctrl-D quits and keeps the session
 (resume it with `--session ID`).
 """
@@ -49,7 +49,7 @@ def add_chat_parser(
     p.add_argument("--max-tokens", type=int, default=None, help="(server default: 256)")
     chosen = p.add_mutually_exclusive_group()
     chosen.add_argument(
-        "--temperature", type=float, default=None, help="(server default: the model's, or 0.7)"
+        "--temperature", type=float, default=None, help="(server default: the model's, or 0.8)"
     )
     chosen.add_argument(
         "--greedy",

@@ -57,7 +57,8 @@ class EngineConfig:
     lease_s: float = 6.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Where a turn's unset sampling fields come from: "model" = the checkpoint's recommended
-    # sampling over a chat default (temperature 0.7, top-p 0.9, repetition penalty 1.05);
+    # sampling over a chat default (temperature 0.8, top-k 40, top-p 0.95, repetition
+    # penalty 1.1);
     # "greedy" = temperature 0 and no penalty (reproducible replies: tests, comparisons).
     sampling: str = "model"
 

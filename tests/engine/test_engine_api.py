@@ -75,6 +75,27 @@ def test_a_seed_makes_sampling_reproducible_and_another_seed_changes_it(make):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
+def test_each_turn_of_a_seeded_session_draws_its_own_stream_and_a_replay_repeats_them(make):
+    engine = make()
+    seeds: list[int] = []  # the random stream of each turn, in order
+
+    def note_streams(rows, logits):
+        for row in rows:
+            if row.rng is not None and (not seeds or seeds[-1] != row.rng.initial_seed()):
+                seeds.append(row.rng.initial_seed())
+
+    engine.runner.logits_hook = note_streams
+    params = {"max_new_tokens": 4, "temperature": 1.5, "seed": 7, "ignore_eos": True}
+    replays = []
+    for _ in range(2):
+        sid = engine.open_session()
+        replies = [ids(collect(engine, sid, [5, 6, 7], **params)) for _ in range(2)]
+        replays.append(replies)
+    # One stream for every turn would make a later turn repeat an earlier one's draws.
+    assert len(seeds) == 4 and seeds[0] == 7 and seeds[1] != 7
+    assert seeds[2:] == seeds[:2] and replays[1] == replays[0]  # a replay repeats them
+
+
 def test_top_k_of_one_is_greedy(make):
     engine = make()
     a, b = engine.open_session(), engine.open_session()
@@ -97,7 +118,9 @@ def test_top_k_of_one_is_greedy(make):
 def test_a_turn_given_overrides_samples_with_the_engines_chat_defaults(make):
     engine = make(sampling="model")
     overrides = {"max_new_tokens": 24, "seed": 4, "ignore_eos": True}
-    chat = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.05, **overrides)
+    chat = SamplingParams(
+        temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1, **overrides
+    )
 
     async def run(params):
         return ids([e async for e in engine.generate(engine.open_session(), [5, 6, 7], params)])
@@ -109,7 +132,7 @@ def test_a_sessions_info_holds_the_sampling_its_turns_start_from(make):
     chat, greedy = make(sampling="model"), make(sampling="greedy")
     mine = chat.get_session(chat.open_session(sampling={"temperature": 0.2, "top_k": 5}))
     assert mine.sampling["temperature"] == 0.2 and mine.sampling["top_k"] == 5
-    assert (mine.sampling["top_p"], mine.sampling["repetition_penalty"]) == (0.9, 1.05)
+    assert (mine.sampling["top_p"], mine.sampling["repetition_penalty"]) == (0.95, 1.1)
     plain = greedy.get_session(greedy.open_session()).sampling
     assert (plain["temperature"], plain["repetition_penalty"]) == (0.0, 1.0)
 

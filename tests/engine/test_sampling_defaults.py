@@ -12,14 +12,14 @@ CHAT = EngineConfig()  # sampling="model"
 
 def test_a_model_that_recommends_nothing_gets_the_chat_default() -> None:
     params = default_sampling(CHAT, {})
-    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.7, 0.9, 1.05)
-    assert (params.top_k, params.max_new_tokens, params.seed) == (0, 256, None)
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.8, 0.95, 1.1)
+    assert (params.top_k, params.max_new_tokens, params.seed) == (40, 256, None)
 
 
 def test_the_models_recommendation_replaces_only_the_fields_it_sets() -> None:
-    params = default_sampling(CHAT, {"temperature": 0.3, "top_k": 40})
-    assert (params.temperature, params.top_k, params.top_p) == (0.3, 40, 0.9)
-    assert params.repetition_penalty == 1.05
+    params = default_sampling(CHAT, {"temperature": 0.3, "top_k": 20})
+    assert (params.temperature, params.top_k, params.top_p) == (0.3, 20, 0.95)
+    assert params.repetition_penalty == 1.1
 
 
 def test_greedy_is_the_old_default_whatever_the_model_recommends() -> None:

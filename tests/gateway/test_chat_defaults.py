@@ -24,7 +24,11 @@ from tests.gateway.conftest import GatewayFactory, served
 
 CONVERSATION = "My name is Alice and I live in Lisbon.\nWhat is my name?\n/settings\n/end\n"
 LOOP_NGRAM = 4  # words
-LOOP_COUNT = 3  # a 4-word phrase said this often in one reply is a loop
+# A 4-word phrase said this often in one reply is a loop. Measured on this conversation
+# (256-token replies): greedy repeats one 18 and 82 times, temperature 0.3 10 and 35
+# times, the old default (0.7 / top-p 0.9 / penalty 1.05) 11 times with seed 2; the
+# defaults at most twice in any reply of seeds 0-4.
+LOOP_COUNT = 5
 
 
 def chat_args(*argv: str) -> argparse.Namespace:
@@ -47,7 +51,7 @@ def most_repeated(text: str, n: int = LOOP_NGRAM) -> tuple[tuple[str, ...], int]
 
 
 def test_the_loop_detector_sees_a_loop_and_passes_prose() -> None:
-    assert most_repeated("a pequena pequena, " * 6)[1] >= LOOP_COUNT
+    assert most_repeated("que está em uma pequena pequena, " * 6)[1] >= LOOP_COUNT
     prose = "Your name is Alice. You told me that you live in Lisbon, in Portugal."
     assert most_repeated(prose)[1] == 1
 
@@ -76,9 +80,8 @@ async def test_a_first_chat_with_the_default_settings_does_not_loop(
     # The seed only makes the run repeatable; temperature, top-p and the penalty are the
     # defaults the server reports.
     transcript = await chat(make_gateway, shipped_triton, "--seed", str(seed))
-    assert "[sampling: temperature 0.7 · top_p 0.9 · top_k off · repetition_penalty 1.05" in (
-        transcript
-    ), transcript
+    settings = "[sampling: temperature 0.8 · top_p 0.95 · top_k 40 · repetition_penalty 1.1"
+    assert settings in transcript, transcript
     answers = replies(transcript)
     assert len(answers) == 2 and all(a.strip() for a in answers), transcript
     for answer in answers:

@@ -42,7 +42,7 @@ from sinkserve.config import EngineConfig
 from sinkserve.engine.chat_format import ChatFormat
 from sinkserve.engine.kv_cache import HostSlot
 from sinkserve.engine.runner import Runner
-from sinkserve.engine.sampler import SampleRow
+from sinkserve.engine.sampler import SampleRow, turn_seed
 from sinkserve.engine.sampling_defaults import default_sampling
 from sinkserve.engine.scheduler import Scheduler, Session, Turn
 from sinkserve.engine.stops import StopMatcher
@@ -640,7 +640,9 @@ class Engine:
             turn.state = _TurnState(
                 decoder=IncrementalDecoder(self.tokenizer),
                 stops=StopMatcher(params.stop),
-                rng=self.runner.new_rng(params.seed),
+                rng=self.runner.new_rng(
+                    None if params.seed is None else turn_seed(params.seed, s.turns)
+                ),
                 prompt_tokens=len(turn.pending),
                 inherited=len(s.owed),
             )

@@ -9,6 +9,18 @@ import torch
 
 from sinkserve.engine.types import SamplingParams
 
+_GOLDEN = 0x9E3779B97F4A7C15  # an odd step: distinct seeds for 2**64 turns
+
+
+def turn_seed(seed: int, turn: int) -> int:
+    """The random stream of a session's `turn`-th turn (0 = its first) under `seed`.
+
+    Each turn draws its own stream: with one stream for every turn, a later turn whose
+    logits resemble an earlier one's makes the same draws and repeats that reply word for
+    word. Replaying the same conversation with the same seed still gives the same replies.
+    """
+    return (seed + turn * _GOLDEN) % 2**64
+
 
 @dataclass
 class SampleRow:

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from sinkserve.gateway.errors import GatewayError, from_rpc_error, from_triton_message
+from sinkserve.gateway.timeouts import within
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class TritonBackend:
         except (InferenceServerException, grpc.RpcError, OSError) as exc:
             return f"Triton unreachable: {exc}"
         try:
-            await asyncio.wait_for(self.call("ping"), self._probe_timeout_s)
+            await within(self.call("ping"), self._probe_timeout_s)
         except GatewayError as err:
             return err.message
         except asyncio.TimeoutError:

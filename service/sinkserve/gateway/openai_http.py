@@ -33,6 +33,7 @@ from sinkserve.gateway.errors import GatewayError
 from sinkserve.gateway.metrics import GatewayMetrics
 from sinkserve.gateway.openai_wire import ApiError, Json, ResponseRequest
 from sinkserve.gateway.quotas import CallerQuotas
+from sinkserve.gateway.timeouts import within
 from sinkserve.gateway.turn_runner import TurnRunner
 
 Log = structlog.typing.FilteringBoundLogger
@@ -132,7 +133,7 @@ class OpenAIServer:
         listening and cancel what still runs (its turns are cut on the model)."""
         self._draining = True
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace_s)
+            await within(self._idle.wait(), grace_s)
         await self._runner.cleanup()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._turns.close()
@@ -616,7 +617,7 @@ class _EventStream:
 
     async def _write(self, text: str) -> None:
         try:
-            await asyncio.wait_for(self.response.write(text.encode()), self._stall_timeout_s)
+            await within(self.response.write(text.encode()), self._stall_timeout_s)
         except ConnectionError as exc:
             raise _ClientGone(f"connection closed: {exc}") from None
         except asyncio.TimeoutError:

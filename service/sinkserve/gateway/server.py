@@ -22,6 +22,7 @@ from sinkserve.gateway.decoding import DecodeInterceptor
 from sinkserve.gateway.metrics import GatewayMetrics
 from sinkserve.gateway.openai_http import OpenAIServer
 from sinkserve.gateway.servicer import ChatServicer
+from sinkserve.gateway.timeouts import within
 
 _STEP_S = 5.0  # the most any step of stop() may take (beyond the drain grace)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
@@ -131,7 +132,7 @@ class Gateway:
 
     async def _bounded(self, step: str, work: Awaitable[object], limit_s: float = _STEP_S) -> None:
         try:
-            await asyncio.wait_for(work, limit_s)
+            await within(work, limit_s)
         except asyncio.TimeoutError:
             self._log.warning("gateway stop step overran; going on", step=step, limit_s=limit_s)
 

@@ -28,13 +28,13 @@ from sinkserve.gateway.errors import GatewayError
 from sinkserve.gateway.metrics import GatewayMetrics
 from sinkserve.gateway.quotas import CallerQuotas
 from sinkserve.gateway.stream import (
-    CLIENT_GONE,
     DRAIN,
     ChatStream,
     Opened,
     StreamDeps,
     read_requests,
 )
+from sinkserve.gateway.timeouts import within
 
 _LIST_PAGE_DEFAULT = 100
 _LIST_PAGE_MAX = 1000
@@ -95,7 +95,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         caller = await self._caller(context)
         log = self._log.bind(rpc="Chat", request_id=secrets.token_hex(8), caller=caller)
         stream = ChatStream(self._deps, context, log, _deadline(context))
-        context.add_done_callback(lambda _: stream.inbox.put_nowait(CLIENT_GONE))
         reader = asyncio.create_task(read_requests(request_iterator, stream.inbox))
         counted = False
         try:
@@ -318,7 +317,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             hint = (("retry-after-ms", str(max(1, round(err.retry_after_s * 1000)))),)
         # Bounded: the status queues behind responses a stalled client has not read.
         try:
-            await asyncio.wait_for(
+            await within(
                 context.abort(err.code, err.message, trailing_metadata=hint),
                 self._config.stall_timeout_s,
             )

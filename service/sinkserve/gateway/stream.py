@@ -32,6 +32,7 @@ from sinkserve.gateway.decoding import Undecodable
 from sinkserve.gateway.errors import GatewayError
 from sinkserve.gateway.metrics import GatewayMetrics
 from sinkserve.gateway.quotas import CallerQuotas
+from sinkserve.gateway.timeouts import within
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -52,10 +53,6 @@ class Signal:
 
 REQUESTS_DONE = Signal("requests-done")  # the client half-closed
 DRAIN = Signal("drain")  # the server is shutting down
-# The call is over (the client cancelled it or went away): its turn must stop now. The
-# request reader alone does not tell: on a cancelled call it may just end, like a
-# half-close, and the turn would run on until its next write failed.
-CLIENT_GONE = Signal("client-gone")
 
 
 @dataclass(eq=False)
@@ -135,9 +132,7 @@ class ChatStream:
         if self.deadline is None:
             return await self.inbox.get()
         try:
-            return await asyncio.wait_for(
-                self.inbox.get(), max(self.deadline - time.monotonic(), 0)
-            )
+            return await within(self.inbox.get(), max(self.deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             where = "mid-turn" if self.turn is not None else "between turns"
             raise GatewayError(
@@ -155,9 +150,6 @@ class ChatStream:
                 self._closing = True
             elif item is DRAIN:
                 self._draining = True
-            elif item is CLIENT_GONE:
-                self.log.info("client gone", turn_running=self.turn is not None)
-                return
             elif isinstance(item, FromTurn):
                 await self._on_turn_event(item)
             if self.turn is None and await self._done():
@@ -167,7 +159,7 @@ class ChatStream:
         """Write one response; a client that takes none for the stall limit loses its turn."""
         limit = self._deps.config.stall_timeout_s
         try:
-            await asyncio.wait_for(self._context.write(response), limit)
+            await within(self._context.write(response), limit)
         except asyncio.TimeoutError:
             raise GatewayError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -4,8 +4,8 @@
 sessions and calls back with events, which `TurnResponder` turns into streamed
 responses. A request that may wait (on the session store, or for the sessions of the
 instance this one replaces) runs on a thread pool, never in `execute()`.
-Conversion and validation live in `sinkserve.triton_server` (testable without Triton); this file
-holds only what touches `pb_utils`.
+Conversion and validation live in `sinkserve.triton_server` (testable without Triton); this
+file holds only what touches `pb_utils`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ import numpy as np
 import structlog
 import triton_python_backend_utils as pb_utils
 
-from sinkserve.engine.engine import Engine
-from sinkserve.engine.store import GuardedStore, open_store
-from sinkserve.engine.types import EngineError
-from sinkserve.triton_server.adapter import (
+# The stub's embedded interpreter ignores PYTHONPATH (it sees only its own site-packages):
+# take it from the environment, where the launcher names the directory of the sinkserve
+# package, so that a checkout that is not installed (or a --target directory) works too.
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+from sinkserve.engine.engine import Engine  # noqa: E402
+from sinkserve.engine.store import GuardedStore, open_store  # noqa: E402
+from sinkserve.engine.types import EngineError  # noqa: E402
+from sinkserve.triton_server.adapter import (  # noqa: E402
     CancelWatcher,
     ModelRequest,
     Outputs,
@@ -37,10 +42,10 @@ from sinkserve.triton_server.adapter import (
     run_control,
     turn_prompt,
 )
-from sinkserve.triton_server.handoff import Handoff
-from sinkserve.triton_server.metrics import EngineMetrics
-from sinkserve.triton_server.settings import kv_fingerprint, parse_parameters
-from sinkserve.triton_server.turn_ids import TurnIds
+from sinkserve.triton_server.handoff import Handoff  # noqa: E402
+from sinkserve.triton_server.metrics import EngineMetrics  # noqa: E402
+from sinkserve.triton_server.settings import kv_fingerprint, parse_parameters  # noqa: E402
+from sinkserve.triton_server.turn_ids import TurnIds  # noqa: E402
 
 log = structlog.get_logger("sinkserve.triton")
 

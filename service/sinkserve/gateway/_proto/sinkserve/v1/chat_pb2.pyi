@@ -496,9 +496,9 @@ class Session(_message.Message):
     def sampling(self) -> Global___SamplingParams:
         """The sampling the session's turns start from (`seed` and `stop` set only where it has
         them, every other field always): the server's defaults (the model's recommended
-        sampling, else temperature 0.7, top_p 0.9, repetition_penalty 1.05; or greedy, as the
-        server is configured) updated by the session's own. A stream's and a turn's sampling
-        still override it.
+        sampling, else temperature 0.8, top_k 40, top_p 0.95, repetition_penalty 1.1; or
+        greedy, as the server is configured) updated by the session's own. A stream's and a
+        turn's sampling still override it.
         """
 
     def __init__(
