@@ -42,7 +42,7 @@ def test_a_chat_completion_reads_sampling_history_and_the_session_extension() ->
     )
     assert req.messages == (("system", "Be brief."), ("user", "Hi"))
     s = req.sampling
-    assert (s.max_tokens, s.temperature, s.stop, s.seed) == (7, 0.5, ("\n",), 3)
+    assert (s.max_tokens, s.temperature, tuple(s.stop), s.seed) == (7, 0.5, ("\n",), 3)
     assert req.stream and req.include_usage and req.session_id == "s1"
 
 
