@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -261,7 +262,7 @@ class TritonBackend:
                 responses.cancel()
 
 
-def _tensor(name: str, datatype: str, values: np.ndarray) -> InferInput:
+def _tensor(name: str, datatype: str, values: npt.NDArray[np.generic]) -> InferInput:
     tensor = InferInput(name, list(values.shape), datatype)
     tensor.set_data_from_numpy(values)
     return tensor

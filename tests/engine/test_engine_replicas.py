@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from service.engine.engine import Engine, Sampling
 from service.engine.store import SessionRecord, SQLiteStore
-from service.engine.types import FinishReason, SessionBusy, TokenEvent, TurnEnd
-from tests.engine.helpers import RecordingEngine, tiny_model
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import Event, FinishReason, SessionBusy, TokenEvent, TurnEnd
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 
 LEASE_S = 1.5
 LONG = {"max_new_tokens": 4000, "ignore_eos": True}  # cancelled long before its end
@@ -21,12 +24,12 @@ SHORT = {"max_new_tokens": 4, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size, seed=7)
 
 
 @pytest.fixture
-def replicas(tokenizer, model, tmp_path: Path):
+def replicas(tokenizer: Tokenizer, model: TinyModel, tmp_path: Path) -> Iterator[list[Engine]]:
     """Two started engines, replicas "a" and "b", on one SQLite file."""
     engines = [
         RecordingEngine(
@@ -48,8 +51,8 @@ def replicas(tokenizer, model, tmp_path: Path):
         engine.shutdown()
 
 
-def run(engine, sid, prompt, params) -> TurnEnd:
-    async def go():
+def run(engine: Engine, sid: str, prompt: Sequence[int], params: Sampling) -> TurnEnd:
+    async def go() -> list[Event]:
         return [e async for e in engine.generate(sid, prompt, params)]
 
     events = asyncio.run(go())
@@ -57,7 +60,7 @@ def run(engine, sid, prompt, params) -> TurnEnd:
     return events[-1]
 
 
-def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> None:
+def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas: list[Engine]) -> None:
     a, b = replicas
     sid = a.open_session()
     run(a, sid, [5, 9], SHORT)
@@ -65,7 +68,7 @@ def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> 
     started, done = threading.Event(), threading.Event()
     ended: list[TurnEnd] = []
 
-    def on_events(events):
+    def on_events(events: list[Event]) -> None:
         started.set()
         if isinstance(events[-1], TurnEnd):
             ended.append(events[-1])
@@ -89,7 +92,7 @@ def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> 
     assert again.usage.position == after.usage.position + 1 + 1 + SHORT["max_new_tokens"] - 1
 
 
-def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas) -> None:
+def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas: list[Engine]) -> None:
     """Each round both replicas start a turn at once: the loser of the claim waits for
     the winner's turn to end (or answers busy if it outlasts a lease renewal), then goes
     on from the winner's record. A split brain (both turns from the same state) would
@@ -120,10 +123,17 @@ def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas) -> 
         assert record.position == position and record.lease_until == 0, outcome
 
 
-def _race(name, engine, sid, params, gate, outcome) -> None:
+def _race(
+    name: str,
+    engine: Engine,
+    sid: str,
+    params: Sampling,
+    gate: threading.Barrier,
+    outcome: dict[str, object],
+) -> None:
     done = threading.Event()
 
-    def on_events(events):
+    def on_events(events: list[Event]) -> None:
         if isinstance(events[-1], TurnEnd):
             done.set()
 
@@ -138,7 +148,7 @@ def _race(name, engine, sid, params, gate, outcome) -> None:
 
 
 def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
-    replicas, monkeypatch: pytest.MonkeyPatch
+    replicas: list[Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = replicas
     sid = a.open_session()
@@ -169,7 +179,7 @@ def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
 
 
 def test_a_replica_whose_session_was_taken_drops_its_copy_and_writes_nothing_older(
-    replicas,
+    replicas: list[Engine],
 ) -> None:
     a, b = replicas
     sid = a.open_session()
@@ -187,5 +197,5 @@ def test_a_replica_whose_session_was_taken_drops_its_copy_and_writes_nothing_old
     assert latest.version > newest.version and latest.position > newest.position
 
 
-async def _events(engine, sid):
+async def _events(engine: Engine, sid: str) -> list[Event]:
     return [e async for e in engine.generate(sid, [4], SHORT)]

@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
+
+import pytest
 
 import torch
 
 import service.engine.loader as loader
 from service.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.types import SamplingParams
+from service.engine.runner import TorchRunner
+from service.engine.sampler import SampleRow
+from service.engine.tokenizer import Tokenizer
+from service.engine.types import Event, SamplingParams
 
 
-def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monkeypatch):
+def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: dict[str, object] = {}
     build = loader.build_runner
 
-    def spy(config: EngineConfig):
+    def spy(config: EngineConfig) -> tuple[TorchRunner, Tokenizer]:
         seen["loading"] = torch.get_num_threads()
         return build(config)
 
@@ -30,7 +38,7 @@ def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monk
     assert seen["loading"] == 1
     assert torch.get_num_threads() == before, "the caller's setting is restored"
 
-    def hook(rows, logits) -> None:
+    def hook(rows: Sequence[SampleRow], logits: torch.Tensor) -> None:
         seen.setdefault("step", (threading.current_thread().name, torch.get_num_threads()))
 
     engine.runner.logits_hook = hook  # type: ignore[attr-defined]
@@ -38,7 +46,7 @@ def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monk
     try:
         sid = engine.open_session()
 
-        async def turn() -> list:
+        async def turn() -> list[Event]:
             params = SamplingParams(max_new_tokens=2, ignore_eos=True)
             return [e async for e in engine.generate(sid, "Hello", params)]
 

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import numpy as np
 import structlog
 import triton_python_backend_utils as pb_utils
 
@@ -27,6 +26,7 @@ from service.engine.engine import Engine
 from service.engine.store import GuardedStore, open_store
 from service.engine.types import EngineError
 from service.triton.adapter import (
+    Array,
     CancelWatcher,
     ModelRequest,
     Outputs,
@@ -118,7 +118,7 @@ class TritonPythonModel:
                 response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             )
 
-        def get(name: str) -> np.ndarray | None:
+        def get(name: str) -> Array | None:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 
