@@ -204,7 +204,7 @@ def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make:
 
 def test_a_new_turn_after_a_cancel_waits_for_the_cancelled_turn_instead_of_being_refused(
     tokenizer: Tokenizer, model: TinyModel
-):
+) -> None:
     # Stepped by hand: the cancelled turn is still running when the next turn arrives.
     engine = RecordingEngine(tokenizer, model[1], model[0]).engine
     sid = engine.open_session()

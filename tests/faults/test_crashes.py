@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -55,7 +55,9 @@ async def ask(client: ChatClient, session_id: str | None, texts: list[str]) -> t
         return chat.session_id, out
 
 
-async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, str, float, float]:
+async def cut_by(
+    kill: Callable[[], object], client: ChatClient, sid: str
+) -> tuple[grpc.StatusCode, str, float, float]:
     """Start a long turn on the session, kill once its first delta arrived; the turn's
     status, details, the seconds from the kill to the stream's end, and the kill's time."""
     chat = client.conversation(sid, defaults=GREEDY)
@@ -74,7 +76,7 @@ async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, s
         chat.drop()
 
 
-async def crash_mid_turn(serve: Replica, alice: ChatClient, kill) -> float:
+async def crash_mid_turn(serve: Replica, alice: ChatClient, kill: Callable[[], object]) -> float:
     """The acceptance of a crash below the gateway; returns the recovery seconds."""
     _, reference = await ask(alice, None, QUESTIONS)
     sid, first = await ask(alice, None, QUESTIONS[:1])
