@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +29,8 @@ from service.engine.rope import cos_sin, inv_frequencies
 from service.engine.sink_attention import AttnConfig, attention_config, decode_attention
 
 
-def bench_ms(fn) -> float:
-    return do_bench_cudagraph(fn, rep=200)
+def bench_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench_cudagraph(fn, rep=200))
 
 
 def main() -> None:
@@ -44,7 +46,7 @@ def main() -> None:
 
     copy_bw = copy_bandwidth(dev, 1 << 32)  # as bench/gpu.py measures it
     x = rnd(1, h)
-    out: dict = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
     projections = {}
     for name, (n_out, n_in) in {
         "wqkv": (3 * h, h),
@@ -88,7 +90,7 @@ def main() -> None:
             configs[f"splits{splits}_block{block_n}"] = AttnConfig(splits, block_n)
     for name, config in configs.items():
 
-        def run(config=config):
+        def run(config: AttnConfig = config) -> None:
             positions.fill_(t0)  # the kernel stores at t0's ring index; reads stay the same
             decode_attention(
                 qkv, rope, kc, vc, kpos, slots, positions, o, sinks=s, window=w,

@@ -17,6 +17,7 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import engine_vs_oracle
 from service.engine import cuda_runner
+from service.engine.sink_attention import AttnConfig
 
 
 def main() -> None:
@@ -39,12 +41,19 @@ def main() -> None:
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
 
-    def old_attention(*a, config, sm_scale, counters=None, **kw):
+    def old_attention(
+        *a: object,
+        config: AttnConfig,
+        sm_scale: float,
+        counters: torch.Tensor | None = None,
+        **kw: object,
+    ) -> None:
+        assert old is not None
         if "sm_scale" in inspect.signature(old.decode_attention).parameters:
             kw["sm_scale"] = sm_scale  # else the old kernel scales by hd^-0.5 itself
         old.decode_attention(*a, splits=config.splits, block_n=64, **kw)
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for graphs in (True, False):
         for gemv in (True, False):
             for attn in ("new", "old") if old else ("new",):

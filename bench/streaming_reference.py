@@ -55,7 +55,13 @@ class HFStreamingReference:
         for i, layer in enumerate(self.hf.model.layers):
             attn = layer.self_attn
 
-            def forward(hidden_states, *args, _i=i, _attn=attn, **kwargs):
+            def forward(
+                hidden_states: torch.Tensor,
+                *args: object,
+                _i: int = i,
+                _attn: torch.nn.Module = attn,
+                **kwargs: object,
+            ) -> tuple[torch.Tensor, None]:
                 return self._attention(_i, _attn, hidden_states), None
 
             attn.forward = forward

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from service.bench import engine_driver, machine_name, model_name, plot, steady_decode_rate
 from service.config import EngineConfig
@@ -43,7 +44,7 @@ class LlamaWorker:
         )
         self.info = self._read()
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
