@@ -23,8 +23,10 @@ def pdl_options(pdl: bool) -> dict[str, bool]:
     return {"launch_pdl": True} if pdl else {}
 
 
+# The @triton.jit kernels below stay unannotated (`type: ignore[no-untyped-def]`): Triton reads
+# a parameter's annotation as its kernel type (tl.constexpr), and triton ships no types.
 @triton.jit
-def pdl_enter(PDL: tl.constexpr):
+def pdl_enter(PDL: tl.constexpr):  # type: ignore[no-untyped-def]
     """Let the next kernel launch, then wait for the previous one (see module doc)."""
     if PDL:
         gdc_launch_dependents()
@@ -32,7 +34,7 @@ def pdl_enter(PDL: tl.constexpr):
 
 
 @triton.jit
-def _add_rms_norm_kernel(
+def _add_rms_norm_kernel(  # type: ignore[no-untyped-def]
     x_ptr, delta_ptr, w_ptr, out_ptr, n_cols, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -82,7 +84,7 @@ def add_rms_norm(
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):  # type: ignore[no-untyped-def]
     pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -106,7 +108,7 @@ def silu_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 
 @triton.jit
-def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):
+def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):  # type: ignore[no-untyped-def]
     """Input columns kk as float32; with SILU, x is (gate, up) of width 2 k_in and the
     input is SiLU(gate) * up, rounded to x's dtype as `silu_mul` would."""
     if SILU:
@@ -119,7 +121,7 @@ def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(
+def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     w_ptr,
     y_ptr,
