@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.engine.slots import SlotManager
-from service.engine.types import SamplingParams
+from service.engine.types import Event, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Turn:
     params: SamplingParams
     pending: list[int]  # owed + this turn's tokens, fed by prefill
     submitted_at: float
-    on_events: Callable[[list[Any]], None]
+    on_events: Callable[[list[Event]], None]
     fed: int = 0  # how many of `pending` the cache has seen
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet fed

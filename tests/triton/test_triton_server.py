@@ -120,7 +120,7 @@ async def test_the_http_generate_stream_endpoint_streams_server_sent_events(clie
 
 async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(client: Client, triton: TritonServer) -> None:
     await client.open("bad")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: no session 'nobody'"),
         ({"session_id": "bad", "text": ""}, "INVALID_ARGUMENT: text_input is required"),
         ({"session_id": "", "text": "Hi"}, "INVALID_ARGUMENT: session_id"),
