@@ -347,7 +347,7 @@ def test_a_turn_that_ends_inside_a_character_ends_with_its_replacement_character
     )
     rec = RecordingEngine(tokenizer, model[1], model[0])
 
-    def only_partial(rows: Sequence[SampleRow], logits: torch.Tensor) -> None:  # only it
+    def only_partial(rows: Sequence[SampleRow], logits: torch.Tensor) -> None:  # the model can say nothing else
         with torch.inference_mode():  # the runner's logits are inference tensors
             logits.fill_(-1e4)
             logits[:, partial] = 0.0
