@@ -13,7 +13,18 @@ from service.engine.stops import StopMatcher
 from service.engine.types import SamplingParams
 
 
-def make_turn(sched: Scheduler, session: Session, n: int, now: float = 0.0) -> Turn:
+# The scheduler alone: its turns and sessions hold nothing of an engine.
+BareScheduler = Scheduler[None, None, None]
+BareSession = Session[None, None, None]
+
+
+def new_session(session_id: str, sinks: int, window: int, last_used: float) -> BareSession:
+    return Session(session_id, sinks, window, last_used)
+
+
+def make_turn(
+    sched: BareScheduler, session: BareSession, n: int, now: float = 0.0
+) -> Turn[None, None, None]:
     turn = Turn(sched.next_turn_id(), session, SamplingParams(), list(range(n)), now, print)
     session.turn = turn
     sched.add(turn)
@@ -42,8 +53,8 @@ def test_the_lowest_free_slot_is_allocated_first_and_freed_slots_return() -> Non
 
 
 def test_a_step_batches_decodes_with_prefill_chunks_under_the_budget() -> None:
-    sched = Scheduler(num_slots=4, step_token_budget=10, slot_wait_s=1.0)
-    a, b = Session("a", 4, 8, 0.0), Session("b", 4, 8, 0.0)
+    sched: BareScheduler = Scheduler(num_slots=4, step_token_budget=10, slot_wait_s=1.0)
+    a, b = new_session("a", 4, 8, 0.0), new_session("b", 4, 8, 0.0)
     ta, tb = make_turn(sched, a, 3), make_turn(sched, b, 25)
     plan = sched.schedule(0.0, [a, b])
     assert [len(i.tokens) for i in plan.items] == [3, 7]
@@ -58,8 +69,8 @@ def test_a_step_batches_decodes_with_prefill_chunks_under_the_budget() -> None:
 
 
 def test_prefill_keeps_moving_when_decodes_fill_the_budget() -> None:
-    sched = Scheduler(num_slots=16, step_token_budget=8, slot_wait_s=1.0)
-    sessions = [Session(str(i), 0, 8, 0.0) for i in range(10)]
+    sched: BareScheduler = Scheduler(num_slots=16, step_token_budget=8, slot_wait_s=1.0)
+    sessions = [new_session(str(i), 0, 8, 0.0) for i in range(10)]
     for s in sessions[:9]:
         make_turn(sched, s, 1)
     for _ in range(2):  # 9 one-token prompts take two steps of budget 8
@@ -74,8 +85,8 @@ def test_prefill_keeps_moving_when_decodes_fill_the_budget() -> None:
 
 
 def test_the_least_recently_used_idle_session_is_swapped_out_for_a_new_turn() -> None:
-    sched = Scheduler(num_slots=2, step_token_budget=64, slot_wait_s=1.0)
-    a, b, c = (Session(x, 4, 8, t) for x, t in (("a", 5.0), ("b", 1.0), ("c", 9.0)))
+    sched: BareScheduler = Scheduler(num_slots=2, step_token_budget=64, slot_wait_s=1.0)
+    a, b, c = (new_session(x, 4, 8, t) for x, t in (("a", 5.0), ("b", 1.0), ("c", 9.0)))
     for s in (a, b):
         t = make_turn(sched, s, 2)
         sched.advance(sched.schedule(0.0, [a, b, c]))
@@ -86,8 +97,8 @@ def test_the_least_recently_used_idle_session_is_swapped_out_for_a_new_turn() ->
 
 
 def test_a_turn_that_finds_every_slot_busy_times_out_after_the_wait() -> None:
-    sched = Scheduler(num_slots=1, step_token_budget=64, slot_wait_s=2.0)
-    a, b = Session("a", 4, 8, 0.0), Session("b", 4, 8, 0.0)
+    sched: BareScheduler = Scheduler(num_slots=1, step_token_budget=64, slot_wait_s=2.0)
+    a, b = new_session("a", 4, 8, 0.0), new_session("b", 4, 8, 0.0)
     make_turn(sched, a, 2)
     tb = make_turn(sched, b, 2, now=0.0)
     assert sched.schedule(1.0, [a, b]).timed_out == []
