@@ -35,9 +35,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import EngineConfig, add_engine_flags, engine_config
+
+if TYPE_CHECKING:  # imported where used: torch loads only for an in-process engine
+    from service.engine.engine import Engine
 
 PASSAGE = (
     "The river runs past the old mill and under the stone bridge, where the children of "
@@ -101,7 +104,7 @@ def prompt_text(tokens: int) -> str:
 # ---- targets ---------------------------------------------------------------------------
 
 
-def engine_driver(engine: Any) -> Driver:
+def engine_driver(engine: Engine) -> Driver:
     """Runs turns on an in-process Engine."""
     from service.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
 
