@@ -156,7 +156,9 @@ def engine_vs_oracle(dev: torch.device) -> dict[str, Any]:
     tok = synthetic_tokenizer(vocab)
     cfg, tensors = tiny_model(vocab, hidden=256, head_dim=64, seed=5)
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    out: dict[str, Any] = {"model": "random Llama: 2 layers, hidden 256, 4 heads, 2 kv heads, hd 64"}
+    out: dict[str, Any] = {
+        "model": "random Llama: 2 layers, hidden 256, 4 heads, 2 kv heads, hd 64"
+    }
     runners = {"cuda_graph_runner": CudaGraphRunner, "eager_torch": TorchRunner}
 
     def one_session(rec: RecordingEngine) -> list[Conversation]:
@@ -498,7 +500,10 @@ def llama3_batched(
     many = decode_rate(runner, t0s, steps, dev)
     wb = weights_bytes(model)
     result: dict[str, Any] = {
-        "shape": shape.name, "cache": f"4+{window}", "batch_1": one, "batched": many
+        "shape": shape.name,
+        "cache": f"4+{window}",
+        "batch_1": one,
+        "batched": many,
     }
     for key, rows in (("batch_1", 1), ("batched", sessions)):
         nbytes = wb + kv_bytes(runner, rows)

@@ -46,7 +46,10 @@ def main() -> None:
 
     copy_bw = copy_bandwidth(dev, 1 << 32)  # as bench/gpu.py measures it
     x = rnd(1, h)
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+    }
     projections = {}
     for name, (n_out, n_in) in {
         "wqkv": (3 * h, h),

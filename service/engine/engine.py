@@ -351,7 +351,9 @@ class Engine:
         self._set_tokens(s, list(r.sink_ids), list(r.window_ids), list(r.owed_ids))
         return s
 
-    def _set_tokens(self, s: _Session, sinks: list[int], window: list[int], owed: list[int]) -> None:
+    def _set_tokens(
+        self, s: _Session, sinks: list[int], window: list[int], owed: list[int]
+    ) -> None:
         """Give a session without a cache its tokens, to be rebuilt on its next turn."""
         s.sink_tokens = sinks[: s.sinks]
         s.window_tokens.extend(window)

@@ -70,7 +70,9 @@ class Handoff:
         self._predecessors = alive
         return alive
 
-    def collect(self, fingerprint: str, timeout_s: float, poll_s: float = 0.05) -> list[SessionSnapshot]:
+    def collect(
+        self, fingerprint: str, timeout_s: float, poll_s: float = 0.05
+    ) -> list[SessionSnapshot]:
         """Wait until every older instance has finalized, then take their sessions (without
         their KV where it came from an engine with another fingerprint).
 

@@ -417,7 +417,9 @@ def test_the_gpu_image_ships_the_gpu_overlays_model_config() -> None:
     assert shipped == str(VARIANTS["gpu"].relative_to(ROOT) / "config.pbtxt")
 
 
-def test_the_engine_uses_as_many_threads_as_the_triton_container_may(objects: Objects, variant: str) -> None:
+def test_the_engine_uses_as_many_threads_as_the_triton_container_may(
+    objects: Objects, variant: str
+) -> None:
     settings = engine_settings(configmap_model_config(objects))
     limit = cpu_cores(container(objects, "triton")["resources"]["limits"]["cpu"])
     if variant == "base":
@@ -453,7 +455,9 @@ def selected_workloads(objects: dict[str, dict[str, Any]], service: str) -> set[
     return {k for k in workloads if selects(selector, pod_labels(objects, k))}
 
 
-def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(objects: Objects) -> None:
+def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(
+    objects: Objects,
+) -> None:
     gateway = container_args(objects, "gateway")
     config = haproxy_sections(proxy_config(objects))
     # The public Service is the proxy's listener...
@@ -607,7 +611,9 @@ def test_the_triton_probe_commands_pass_on_200_and_fail_on_an_error_or_no_answer
     assert probe() != 0, "nothing listens any more"
 
 
-def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(objects: Objects) -> None:
+def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(
+    objects: Objects,
+) -> None:
     spec = pod(objects)
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
     pre_stop = max(
@@ -800,7 +806,9 @@ def test_haproxy_check_fails_a_config_it_cannot_run(tmp_path: Path) -> None:
         haproxy_check(broken, {})
 
 
-def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(objects: Objects) -> None:
+def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(
+    objects: Objects,
+) -> None:
     proxy = container(objects, "haproxy", "Deployment/sinkserve-proxy")
     spec = pod(objects, "Deployment/sinkserve-proxy")
     assert proxy["image"] == "haproxy:2.6"
@@ -851,7 +859,9 @@ def test_the_autoscaler_keeps_3_to_10_replicas_on_the_engines_load(objects: Obje
     assert slots / 2 <= targets["sinkserve_turns_running"] < slots
 
 
-def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(objects: Objects) -> None:
+def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(
+    objects: Objects,
+) -> None:
     readme = (DEPLOY / "README.md").read_text()
     (query,) = re.findall(r"seriesQuery: '(.*)'", readme)
     names = re.search(r'__name__=~"([^"]+)"', query).group(1)  # type: ignore[union-attr]
@@ -869,7 +879,9 @@ def test_a_drain_takes_one_sinkserve_pod_at_a_time_at_any_replica_count(objects:
         assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget, workload
 
 
-def test_the_gpu_overlay_asks_for_one_gpu_and_runs_the_gpu_image(variant: str, objects: Objects) -> None:
+def test_the_gpu_overlay_asks_for_one_gpu_and_runs_the_gpu_image(
+    variant: str, objects: Objects
+) -> None:
     triton = container(objects, "triton")
     images = {c["image"] for c in pod(objects)["containers"] + pod(objects)["initContainers"]}
     gpus = triton["resources"]["limits"].get("nvidia.com/gpu")

@@ -18,7 +18,6 @@ from service.engine.store import SessionStore
 from service.engine.tokenizer import Tokenizer
 from service.engine.weights import ModelConfig
 
-
 TinyModel = tuple[ModelConfig, dict[str, torch.Tensor]]  # its config and weights
 
 

@@ -72,7 +72,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model: TinyModel, case: str) -> None:
+def test_fused_steps_match_the_eager_path_logits_keys_and_positions(
+    model: TinyModel, case: str
+) -> None:
     cfg, tensors = model
     dtype, quant, tol = CASES[case]
     # int4: one session more than the row count from which the matmuls take the dense
@@ -146,7 +148,9 @@ def test_only_steps_of_single_tokens_take_the_fused_path(model: TinyModel) -> No
     assert not runner.fused.takes([])
 
 
-def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     """Three sessions of the engine, prompts prefilled beside decoding, against the oracle
     on the same (4-bit grid) weights: the fused step's sinks, ring and GQA heads."""
     cfg, tensors = model
@@ -169,7 +173,9 @@ def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenize
     assert taken >= 40
 
 
-def test_without_a_compiler_the_engine_logs_why_and_stays_eager(model: TinyModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_compiler_the_engine_logs_why_and_stays_eager(
+    model: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_compiler() -> NoReturn:
         raise RuntimeError("Error building extension: c++ not found")
 

@@ -26,7 +26,9 @@ def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size)
 
 
-def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_one_session_matches_the_oracle_through_three_window_turnovers(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 4, 20
     rec = RecordingEngine(
@@ -41,7 +43,9 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19
 
 
-def test_batched_sessions_at_different_positions_match_the_oracle(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_batched_sessions_at_different_positions_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 12
     rec = RecordingEngine(

@@ -15,12 +15,12 @@ from service.engine.engine import Engine, OnEvents, Sampling
 from service.engine.sampler import SampleRow
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import (
+    Event,
     FinishReason,
     InvalidRequest,
     ResourceExhausted,
     SamplingParams,
     SessionBusy,
-    Event,
     TokenEvent,
     TurnEnd,
     UnknownSession,
@@ -169,7 +169,9 @@ def test_bad_requests_raise_clear_errors(make: MakeEngine) -> None:
         engine.open_session()
 
 
-def test_a_turn_or_system_prompt_longer_than_the_window_is_refused_before_any_work(make: MakeEngine) -> None:
+def test_a_turn_or_system_prompt_longer_than_the_window_is_refused_before_any_work(
+    make: MakeEngine,
+) -> None:
     engine = make(sinks=2, window=8, max_prompt_tokens=0)  # 0: the window
     sid = engine.open_session()
     with pytest.raises(InvalidRequest, match=r"9 tokens .* the limit is 8 tokens"):
@@ -180,7 +182,9 @@ def test_a_turn_or_system_prompt_longer_than_the_window_is_refused_before_any_wo
         engine.open_session(system="a long system prompt " * 8)
 
 
-def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(make: MakeEngine) -> None:
+def test_a_second_turn_while_one_runs_is_refused_and_cancel_ends_the_first(
+    make: MakeEngine,
+) -> None:
     engine = make()
     sid = engine.open_session()
     ends: list[TurnEnd] = []
@@ -269,7 +273,9 @@ def _submit_or_error(
         return exc
 
 
-def test_a_turn_waiting_for_a_busy_slot_fails_with_resource_exhausted_and_a_retry_hint(make: MakeEngine) -> None:
+def test_a_turn_waiting_for_a_busy_slot_fails_with_resource_exhausted_and_a_retry_hint(
+    make: MakeEngine,
+) -> None:
     engine = make(max_sessions=1, slot_wait_s=0.2)
     a, b = engine.open_session(), engine.open_session()
     running = engine.submit(
@@ -338,7 +344,9 @@ def test_a_session_rebuilt_from_its_tokens_keeps_its_position(make: MakeEngine) 
     assert end.usage.cached_tokens == 18
 
 
-def test_a_turn_that_ends_inside_a_character_ends_with_its_replacement_character(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_a_turn_that_ends_inside_a_character_ends_with_its_replacement_character(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     # A token that is the first bytes of a multi-byte character: alone it decodes to "".
     partial = next(
         i
@@ -347,7 +355,9 @@ def test_a_turn_that_ends_inside_a_character_ends_with_its_replacement_character
     )
     rec = RecordingEngine(tokenizer, model[1], model[0])
 
-    def only_partial(rows: Sequence[SampleRow], logits: torch.Tensor) -> None:  # the model can say nothing else
+    def only_partial(
+        rows: Sequence[SampleRow], logits: torch.Tensor
+    ) -> None:  # the model can say nothing else
         with torch.inference_mode():  # the runner's logits are inference tensors
             logits.fill_(-1e4)
             logits[:, partial] = 0.0

@@ -116,7 +116,9 @@ def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size)
 
 
-def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_one_session_matches_the_oracle_through_three_window_turnovers(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 4, 20
     rec = RecordingEngine(tokenizer, tensors, cfg, sinks=sinks, window=window, step_token_budget=7)
@@ -131,7 +133,9 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19
 
 
-def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     """bfloat16 on CPU (weights prepacked for oneDNN where the CPU has AMX, plain
     elsewhere): three sessions decoding together and prefilling, through window turnovers."""
     cfg, tensors = model
@@ -143,7 +147,9 @@ def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(toke
     check_three_bfloat16_sessions(rec, cfg, tensors, sinks, window)
 
 
-def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_without_sinks_the_engine_matches_plain_window_attention(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     rec = RecordingEngine(tokenizer, tensors, cfg, sinks=0, window=16, step_token_budget=5)
     conv = Conversation(rec, rec.engine.open_session())
@@ -154,7 +160,9 @@ def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer: Toke
     assert conv.check(0, 16, cfg, tensors) == 50
 
 
-def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 12
     rec = RecordingEngine(
@@ -188,7 +196,9 @@ def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle
         assert conv.check(sinks, window, cfg, tensors) > 0
 
 
-def test_a_session_swapped_to_host_and_back_matches_the_oracle(tokenizer: Tokenizer, model: TinyModel) -> None:
+def test_a_session_swapped_to_host_and_back_matches_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 10
     rec = RecordingEngine(

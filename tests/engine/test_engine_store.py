@@ -67,7 +67,9 @@ def turn(
     return [e.token_id for e in events if isinstance(e, TokenEvent)], end
 
 
-def test_the_record_is_written_at_open_and_after_every_turn(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_the_record_is_written_at_open_and_after_every_turn(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     engine = make(store)
     sid = engine.open_session(system="be brief", owner="alice", sampling={"temperature": 0.0})
@@ -102,7 +104,9 @@ def test_another_engine_rebuilds_a_session_from_its_record_with_the_same_greedy_
     assert rebuilt == stayed and end.usage == ref_end.usage
 
 
-def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     a = make(store, sinks=2, window=16)
     sid = a.open_session(owner="bob")
@@ -116,7 +120,9 @@ def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(make: Ma
     assert end.usage.cached_tokens == 18
 
 
-def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_ownership_and_listing_hold_for_sessions_only_in_the_store(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     a = make(store)
     mine = [a.open_session(owner="alice") for _ in range(2)]
@@ -132,7 +138,9 @@ def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make: MakeSto
     assert b.get_session(mine[0], owner="alice").owner == "alice"
 
 
-def test_ending_or_expiring_a_session_deletes_its_record(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_ending_or_expiring_a_session_deletes_its_record(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     clock = [1000.0]
     engine = make(store, session_ttl_s=60)
@@ -149,7 +157,9 @@ def test_ending_or_expiring_a_session_deletes_its_record(make: MakeStoreEngine, 
         engine.get_session(idle)
 
 
-def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     engine = make(SQLiteStore(tmp_path / "s.db"), max_sessions=1, max_host_sessions=1)
     first = engine.open_session()
     turn(engine, first, [5, 9])
@@ -181,7 +191,9 @@ def test_turns_go_on_while_redis_is_down_and_the_records_follow_once_it_is_back(
     assert record is not None and record.position == end.usage.position
 
 
-def test_whole_sampling_params_still_skip_the_session_defaults(make: MakeStoreEngine, tmp_path: Path) -> None:
+def test_whole_sampling_params_still_skip_the_session_defaults(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     engine = make(SQLiteStore(tmp_path / "s.db"))
     sid = engine.open_session(sampling={"max_new_tokens": 2})
     events = asyncio.run(_events(engine, sid, SamplingParams(max_new_tokens=5, ignore_eos=True)))

@@ -22,7 +22,6 @@ from service.engine.model import Llama
 from service.engine.perplexity import PplResult, cache_shape, read_text, streaming_nll
 from service.engine.runner import TorchRunner
 from service.engine.types import Event, SamplingParams, TurnEnd
-
 from tests.engine.helpers import RecordingEngine, TinyModel, synthetic_tokenizer, tiny_model
 
 TEXT = Path(__file__).resolve().parents[2] / ".cache" / "kjv-psalms.txt"
@@ -149,7 +148,9 @@ def engine_scores_after_rebuild(
         engine.shutdown()
 
 
-def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(tiny: TinyModel) -> None:
+def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(
+    tiny: TinyModel,
+) -> None:
     runner = tiny_runner(tiny)
     ids = random_ids(SINKS + WINDOW + 1)  # the last score sees a full cache; none evicted
     plain = streaming_nll(runner, ids, chunk=8).nll
@@ -157,7 +158,9 @@ def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(tiny
     torch.testing.assert_close(rebuilt, plain, rtol=0, atol=1e-5)
 
 
-def test_after_evictions_a_rebuild_changes_scores_only_from_its_point_as_the_engine_does(tiny: TinyModel) -> None:
+def test_after_evictions_a_rebuild_changes_scores_only_from_its_point_as_the_engine_does(
+    tiny: TinyModel,
+) -> None:
     at = 96  # 52 ids were evicted by then; the window rolls past the rebuilt keys by 136
     ids = random_ids(161)
     runner = tiny_runner(tiny)

@@ -34,7 +34,9 @@ def turn(engine: Engine, sid: str, **params: Any) -> list[Event]:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_penalized_turn_ends_by_length_beside_a_plain_one(engine: Engine, temperature: float) -> None:
+def test_a_penalized_turn_ends_by_length_beside_a_plain_one(
+    engine: Engine, temperature: float
+) -> None:
     async def both() -> tuple[list[Event], list[Event]]:
         a, b = engine.open_session(), engine.open_session()
         penalized = SamplingParams(

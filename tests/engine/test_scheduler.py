@@ -12,7 +12,6 @@ from service.engine.slots import SlotManager
 from service.engine.stops import StopMatcher
 from service.engine.types import SamplingParams
 
-
 # The scheduler alone: its turns and sessions hold nothing of an engine.
 BareScheduler = Scheduler[None, None, None]
 BareSession = Session[None, None, None]

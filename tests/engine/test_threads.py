@@ -9,7 +9,6 @@ import threading
 from collections.abc import Sequence
 
 import pytest
-
 import torch
 
 import service.engine.loader as loader

@@ -9,10 +9,10 @@ import pytest
 from service.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
 from service.triton.adapter import (
     CancelWatcher,
-    SendQueue,
-    StreamPacer,
     GetInput,
     Outputs,
+    SendQueue,
+    StreamPacer,
     TurnResponder,
     parse_request,
 )

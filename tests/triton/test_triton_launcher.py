@@ -35,7 +35,9 @@ def model_repo(tmp_path: Path, **parameters: str) -> Path:
     return tmp_path
 
 
-def test_sinkserve_triton_prints_where_it_listens_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+def test_sinkserve_triton_prints_where_it_listens_and_stops_cleanly_on_sigint(
+    tmp_path: Path,
+) -> None:
     ports = [str(free_port()) for _ in range(3)]
     repo = model_repo(tmp_path)
     proc = subprocess.Popen(

@@ -7,8 +7,8 @@ import json
 import re
 import urllib.request
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from conftest import MODEL, TEST_PARAMETERS, write_parameters
 
@@ -57,7 +57,9 @@ async def conversation(client: Client, sid: str, turns: list[str]) -> list[Reply
     return replies
 
 
-async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tokens(client: Client) -> None:
+async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tokens(
+    client: Client,
+) -> None:
     replies = await conversation(client, "three", QUESTIONS)
     assert "Paris" in replies[0].text
     for reply in replies:
@@ -95,7 +97,9 @@ async def test_two_sessions_streamed_at_once_interleave(client: Client) -> None:
     assert {sid for sid, _ in arrivals[:first_final]} == {"left", "right"}
 
 
-async def test_the_http_generate_stream_endpoint_streams_server_sent_events(client: Client, triton: TritonServer) -> None:
+async def test_the_http_generate_stream_endpoint_streams_server_sent_events(
+    client: Client, triton: TritonServer
+) -> None:
     def read(body: dict[str, object]) -> list[dict[str, Any]]:
         request = urllib.request.Request(
             f"{triton.http_url}/v2/models/sinkserve/generate_stream",
@@ -118,7 +122,9 @@ async def test_the_http_generate_stream_endpoint_streams_server_sent_events(clie
     assert all("finish_reason" not in e for e in events[:-1])
 
 
-async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(client: Client, triton: TritonServer) -> None:
+async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(
+    client: Client, triton: TritonServer
+) -> None:
     await client.open("bad")
     cases: list[tuple[dict[str, Any], str]] = [
         ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: no session 'nobody'"),
@@ -157,7 +163,9 @@ async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(clie
     assert "Paris" in (await client.turn("bad", QUESTIONS[0], max_tokens=16)).text
 
 
-async def test_sinkserve_metrics_appear_on_the_metrics_port(client: Client, triton: TritonServer) -> None:
+async def test_sinkserve_metrics_appear_on_the_metrics_port(
+    client: Client, triton: TritonServer
+) -> None:
     await conversation(client, "metrics", QUESTIONS[:1])
     assert wait_for_metric(triton, "sinkserve_generated_tokens_total", lambda v: v > 0)
     assert wait_for_metric(triton, "sinkserve_step_duration_seconds_count", lambda v: v > 0)
@@ -202,7 +210,9 @@ async def test_a_cancelled_stream_ends_its_turn_and_a_reload_right_after_finaliz
     assert not reply.error and "Paris" in reply.text
 
 
-async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(client: Client) -> None:
+async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(
+    client: Client,
+) -> None:
     baseline = await conversation(client, "no-reload", QUESTIONS)
     before = await conversation(client, "reloaded", QUESTIONS[:2])
     await client.open("in-flight")
@@ -242,14 +252,18 @@ async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_fro
         await client.grpc.load_model(MODEL)
 
 
-async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(client: Client) -> None:
+async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(
+    client: Client,
+) -> None:
     await client.open("whole")
     reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
     assert not reply.error and reply.responses == 1
     assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"
 
 
-async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_feeding(client: Client) -> None:
+async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_feeding(
+    client: Client,
+) -> None:
     """A cut client's cancel may overtake its turn: the turn is refused when it arrives, and
     its prompt never reaches the session."""
     await client.open("tomb", owner=ME)
