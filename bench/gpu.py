@@ -48,6 +48,8 @@ from service.engine.types import SamplingParams
 from service.engine.weights import ModelConfig
 
 if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM  # bench extra: only its type here
+
     from service.engine.cuda_runner import CudaGraphRunner
     from tests.engine.helpers import RecordingEngine
     from tests.engine.test_engine_matches_oracle import Conversation
@@ -296,7 +298,8 @@ def decode_rate(
     bucket = runner._buckets.get(len(t0s)) if hasattr(runner, "_buckets") else None
     if bucket is not None and dev.type == "cuda":
         runner.settle()  # the step launched ahead, undone before replaying by hand
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         bucket.run()
         start.record()
         for _ in range(steps):
@@ -323,7 +326,7 @@ def runner_for(
     return CudaGraphRunner(config, model, sm_count=None if dev.type == "cuda" else 8, **kw)
 
 
-def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
+def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hc = LlamaConfig(
@@ -347,7 +350,7 @@ def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> torch.nn.Mo
     return hf.eval()
 
 
-def hf_tensors(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
+def hf_tensors(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """The HF model's weights under sinkserve's names (shared, not copied)."""
     m = hf.model
     t = {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": hf.lm_head.weight}
@@ -427,13 +430,13 @@ def llama2_batch1(
 
     ours = decode_rate(runner, [t0 + 1], steps, dev)
     # The same step without programmatic dependent launch, same cache contents.
-    plain = runner_for(model, 1, window, dev, pdl=False)
+    no_pdl = runner_for(model, 1, window, dev, pdl=False)
     caches = [*kv.k, *kv.v, kv.kpos]
-    for dst, src in zip([*plain.kv.k, *plain.kv.v, plain.kv.kpos], caches, strict=True):
+    for dst, src in zip([*no_pdl.kv.k, *no_pdl.kv.v, no_pdl.kv.kpos], caches, strict=True):
         dst.copy_(src)
     ours["pdl"] = runner.pdl
-    ours["without_pdl"] = decode_rate(plain, [t0 + 1], steps, dev)
-    del plain
+    ours["without_pdl"] = decode_rate(no_pdl, [t0 + 1], steps, dev)
+    del no_pdl
     # And without stepping ahead (the host's turnaround between steps then idles the GPU).
     behind = runner_for(model, 1, window, dev, ahead=False)
     for dst, src in zip([*behind.kv.k, *behind.kv.v, behind.kv.kpos], caches, strict=True):

@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--old", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    original_runner, original_attn = cuda_runner.CudaGraphRunner, cuda_runner.decode_attention
+    # Swapped in the module's namespace, where the runner and `engine_vs_oracle` look them up.
+    patched = vars(cuda_runner)
+    original_runner, original_attn = patched["CudaGraphRunner"], patched["decode_attention"]
     old = None
     if args.old:
         spec = importlib.util.spec_from_file_location("old_sink_attention", args.old)
@@ -57,8 +59,8 @@ def main() -> None:
     for graphs in (True, False):
         for gemv in (True, False):
             for attn in ("new", "old") if old else ("new",):
-                cuda_runner.decode_attention = old_attention if attn == "old" else original_attn
-                cuda_runner.CudaGraphRunner = partial(original_runner, graphs=graphs, gemv=gemv)
+                patched["decode_attention"] = old_attention if attn == "old" else original_attn
+                patched["CudaGraphRunner"] = partial(original_runner, graphs=graphs, gemv=gemv)
                 key = f"graphs_{graphs}_gemv_{gemv}_attn_{attn}"
                 try:
                     r = engine_vs_oracle(dev)

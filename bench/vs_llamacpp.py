@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +102,8 @@ def main() -> None:
         for rep in range(args.repeats):
             for n in args.sessions:
                 pair = [
-                    ("llama.cpp", lambda n=n: llama.decode(n, args.prompt_tokens, args.new_tokens)),
-                    ("sinkserve", lambda n=n: ours(n)),
+                    ("llama.cpp", partial(llama.decode, n, args.prompt_tokens, args.new_tokens)),
+                    ("sinkserve", partial(ours, n)),
                 ]
                 for name, fn in pair if rep % 2 == 0 else pair[::-1]:
                     runs[str(n)][name].append(fn())

@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +48,7 @@ PASSAGE = (
 )
 
 Prompt = str | list[int]  # raw text, or token ids
-Driver = Callable[[int, Prompt, int], Awaitable[list["Trace"]]]
+Driver = Callable[[int, Prompt, int], Coroutine[Any, Any, list["Trace"]]]
 
 
 @dataclass
@@ -224,7 +224,9 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
     engine = Engine.load(config)
     engine.start()
     try:
-        result = asyncio.run(measure({"engine": engine_driver(engine)}, args))["engine"]
+        result: dict[str, Any] = asyncio.run(measure({"engine": engine_driver(engine)}, args))[
+            "engine"
+        ]
     finally:
         engine.shutdown()
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -294,7 +296,7 @@ async def _e2e(
             await gw.stop(1.0)
         if engine is not None:
             engine.shutdown()
-    result = results["e2e"]
+    result: dict[str, Any] = results["e2e"]
     if "engine" in results:
         direct = results["engine"]
         result["engine_direct"] = direct

@@ -75,5 +75,5 @@ class PlainStreamingLLM:
             h = _rms(x, w[p + "ffn_norm"], cfg.rms_eps)
             gate, up = w[p + "w_gate"] @ h, w[p + "w_up"] @ h
             x = x + w[p + "w_down"] @ (torch.nn.functional.silu(gate) * up)
-        head = w["embed"] if cfg.tie_embeddings else w["lm_head"]
-        return head @ _rms(x, w["norm"], cfg.rms_eps)
+        lm_head = w["embed"] if cfg.tie_embeddings else w["lm_head"]
+        return lm_head @ _rms(x, w["norm"], cfg.rms_eps)

@@ -54,14 +54,14 @@ class AttnConfig:
     dot: bool = True  # tensor-core tiles also when g = 1 (else multiply-and-sum)
 
 
-# The @triton.jit kernels below stay unannotated (`type: ignore[no-untyped-def]`): Triton reads
-# a parameter's annotation as its kernel type (tl.constexpr), and triton ships no types.
+# The @triton.jit kernels below stay unannotated: Triton reads a parameter's annotation as its
+# kernel type (tl.constexpr), and triton ships no types (hence their `type: ignore`s).
 @triton.jit
 def _rope_halves(x1, x2, cos, sin):  # type: ignore[no-untyped-def]
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """[GP, HALF] queries against [N, HALF] keys (two halves each) -> [GP, N] float32.
     Without dot, GP is 1: multiply-and-sum over the head dimension."""
@@ -76,7 +76,7 @@ def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-d
     return s
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _weighted(p, v, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """[GP, N] weights times [N, HALF] values -> [GP, HALF] float32 (GP is 1 without dot)."""
     if USE_DOT:
@@ -87,7 +87,7 @@ def _weighted(p, v, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     return o
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _halves(ptr, offs, cmask, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
     """Both halves of the head dimension of a tile of keys (or values)."""
     x1 = tl.load(ptr + offs, mask=cmask[:, None], other=0.0)
@@ -95,7 +95,7 @@ def _halves(ptr, offs, cmask, HALF: tl.constexpr):  # type: ignore[no-untyped-de
     return x1, x2
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,  # type: ignore[no-untyped-def]
                  HALF: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Window columns [n0, n0 + BLOCK_N) below `end`: their offsets, mask, visibility
@@ -109,7 +109,7 @@ def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,  # ty
     return offs, cmask, vis, k1, k2
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
     query halves are already rotated and scaled for these keys."""
@@ -124,7 +124,7 @@ def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.co
     return m_new, l_i, acc1, acc2
 
 
-@triton.jit
+@triton.jit  # type: ignore[untyped-decorator]
 def _decode_kernel(  # type: ignore[no-untyped-def]
     qkv_ptr,
     qkv_row_stride,

@@ -46,7 +46,12 @@ def test_report_merges_both_engines_into_ratios_and_a_plot(tmp_path: Path) -> No
     for engine, (rate, ttft) in sizes.items():
         rows = [{"turn": t, "n": 1, "p50_ms": ttft, "p99_ms": 2 * ttft} for t in (1, 2)]
         run = {"sessions": 4, "aggregate_tok_s": rate, "ttft_by_turn": rows}
-        result = {"engine": engine, "device": "Test GPU", "shape": "s", "runs": [run]}
+        result: dict[str, object] = {
+            "engine": engine,
+            "device": "Test GPU",
+            "shape": "s",
+            "runs": [run],
+        }
         result["workload"] = {"turns": 2}
         paths.append(tmp_path / f"{engine}.json")
         paths[-1].write_text(json.dumps(result))

@@ -38,7 +38,7 @@ def model(tokenizer: Tokenizer) -> TinyModel:
 def make(tokenizer: Tokenizer, model: TinyModel) -> Iterator[MakeEngine]:
     engines: list[Engine] = []
 
-    def build(**config: object) -> Engine:
+    def build(**config: Any) -> Engine:
         rec = RecordingEngine(tokenizer, model[1], model[0], **config)
         rec.engine.start()
         engines.append(rec.engine)
@@ -109,7 +109,7 @@ def test_top_k_of_one_is_greedy(make: MakeEngine) -> None:
 
 def test_a_turn_given_overrides_samples_with_the_engines_chat_defaults(make: MakeEngine) -> None:
     engine = make(sampling="model")
-    overrides = {"max_new_tokens": 24, "seed": 4, "ignore_eos": True}
+    overrides: dict[str, Any] = {"max_new_tokens": 24, "seed": 4, "ignore_eos": True}
     chat = SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.05, **overrides)
 
     async def run(params: Sampling) -> list[int]:

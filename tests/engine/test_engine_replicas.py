@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.engine import Engine, Sampling
-from service.engine.store import SessionRecord, SQLiteStore
+from service.engine.store import SessionRecord, SessionStore, SQLiteStore
 from service.engine.tokenizer import Tokenizer
 from service.engine.types import Event, FinishReason, SessionBusy, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
@@ -49,6 +49,17 @@ def replicas(tokenizer: Tokenizer, model: TinyModel, tmp_path: Path) -> Iterator
     yield engines
     for engine in engines:
         engine.shutdown()
+
+
+def store_of(engine: Engine) -> SessionStore:
+    assert engine._writer is not None  # the replicas have a store
+    return engine._writer.store
+
+
+def stored(engine: Engine, sid: str) -> SessionRecord:
+    record = store_of(engine).get(sid, now=0)
+    assert record is not None, sid
+    return record
 
 
 def run(engine: Engine, sid: str, prompt: Sequence[int], params: Sampling) -> TurnEnd:
@@ -119,7 +130,7 @@ def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas: lis
         position += len(ran) * (n + 1)  # the owed token, the prompt, n - 1 generated
         for engine in replicas:
             assert engine.flush_store(5)
-        record = a._writer.store.get(sid, now=0)
+        record = stored(a, sid)
         assert record.position == position and record.lease_until == 0, outcome
 
 
@@ -154,22 +165,22 @@ def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
     sid = a.open_session()
     end = run(a, sid, [5, 9], SHORT)
     assert a.flush_store(5)
-    store = a._writer.store
-    record = store.get(sid, now=0)
+    store = store_of(a)
+    record = stored(a, sid)
     # A third replica claimed the session for a turn and died without ending it.
     ghost = replace(record, version=record.version + 1, holder="ghost/1")
     ghost = replace(ghost, lease_until=time.time() + LEASE_S)
     assert store.put(ghost)
     # b's leases, as it writes them: a claim's lease is b's clock at the claim + LEASE_S.
     leases: list[float] = []
-    put = b._writer.store.put
+    put = store_of(b).put
 
     def recording_put(rec: SessionRecord) -> bool:
         if rec.session_id == sid and rec.lease_until > 0:
             leases.append(rec.lease_until)
         return put(rec)
 
-    monkeypatch.setattr(b._writer.store, "put", recording_put)
+    monkeypatch.setattr(store_of(b), "put", recording_put)
     after = run(b, sid, [7], SHORT)
     # It waited the lease out: b claimed the session only once, by its own clock, the
     # ghost's lease had run out.
@@ -187,13 +198,13 @@ def test_a_replica_whose_session_was_taken_drops_its_copy_and_writes_nothing_old
     assert a.flush_store(5)
     run(b, sid, [7], SHORT)  # b takes it over and advances it
     assert b.flush_store(5)
-    newest = b._writer.store.get(sid, now=0)
+    newest = stored(b, sid)
     # a still holds its old copy in memory; touching it rebuilds from b's newer record.
     assert a.has_session(sid)
     tokens = [e.token_id for e in asyncio.run(_events(a, sid)) if isinstance(e, TokenEvent)]
     assert len(tokens) == SHORT["max_new_tokens"]
     assert a.flush_store(5)
-    latest = a._writer.store.get(sid, now=0)
+    latest = stored(a, sid)
     assert latest.version > newest.version and latest.position > newest.position
 
 

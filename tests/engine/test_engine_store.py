@@ -44,7 +44,7 @@ def model(tokenizer: Tokenizer) -> TinyModel:
 def make(tokenizer: Tokenizer, model: TinyModel) -> Iterator[MakeStoreEngine]:
     engines: list[Engine] = []
 
-    def build(store: SessionStore | None, **config: object) -> Engine:
+    def build(store: SessionStore | None, **config: Any) -> Engine:
         rec = RecordingEngine(tokenizer, model[1], model[0], store=store, **config)
         rec.engine.start()
         engines.append(rec.engine)
@@ -198,7 +198,7 @@ def test_whole_sampling_params_still_skip_the_session_defaults(
     sid = engine.open_session(sampling={"max_new_tokens": 2})
     events = asyncio.run(_events(engine, sid, SamplingParams(max_new_tokens=5, ignore_eos=True)))
     assert sum(isinstance(e, TokenEvent) for e in events) == 5
-    _, end = turn(engine, sid, [4], **{"ignore_eos": True})
+    _, end = turn(engine, sid, [4], ignore_eos=True)
     assert end.usage.generated_tokens == 2  # the session's default
 
 

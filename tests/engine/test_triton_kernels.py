@@ -39,7 +39,7 @@ def naive_decode(
     nkv, hd = k_cache.shape[1], k_cache.shape[3]
     g = nh // nkv
     out = torch.empty(len(slots), nh, hd)
-    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
     cp, sp = cos_sin(positions, inv_freq, torch.float32)
     cc, sc = cos_sin(positions.clamp(max=sinks + window), inv_freq, torch.float32)
     q_abs = rotate(q.view(-1, nh, hd), cp, sp)

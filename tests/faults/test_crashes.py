@@ -19,6 +19,7 @@ import pytest
 
 from service.client import ChatClient, sampling
 from service.cluster import Replica, descendant, running
+from service.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from service.triton.launcher import free_port
 from tests.faults.stack import gateway, stack, wait_health
 
@@ -45,12 +46,15 @@ async def alice(serve: Replica) -> AsyncIterator[ChatClient]:
         yield client
 
 
-async def ask(client: ChatClient, session_id: str | None, texts: list[str]) -> tuple[str, list]:
+async def ask(
+    client: ChatClient, session_id: str | None, texts: list[str]
+) -> tuple[str, list[tuple[list[int], pb.TurnEnd]]]:
     """Turns on a stream of a new or resumed session: (session id, [(token ids, TurnEnd)])."""
     async with client.conversation(session_id, defaults=GREEDY) as chat:
         out = []
         for text in texts:
             ids = [i async for d in chat.send(text) for i in d.token_ids]
+            assert chat.last_turn is not None
             out.append((ids, chat.last_turn))
         return chat.session_id, out
 

@@ -42,7 +42,8 @@ class Recorder:
 
 def text_of(outputs: Outputs | None) -> str:
     assert outputs is not None
-    return outputs["text_output"][0].decode()
+    text: str = outputs["text_output"][0].decode()
+    return text
 
 
 def ids_of(outputs: Outputs | None) -> list[int]:
