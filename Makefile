@@ -33,7 +33,7 @@ $(EVAL_TEXT):
 lint: venv
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/ruff format --check service tests bench
-	$(VENV)/bin/mypy service
+	$(VENV)/bin/mypy --strict service tests bench triton_model_repo/sinkserve/1/model.py
 
 # The real servers the tests start on 127.0.0.1 themselves: redis-server (the Redis session
 # store) and haproxy (the loopback cluster's proxy; tests/deploy checks its configs).

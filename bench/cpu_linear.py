@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -78,12 +79,12 @@ def main() -> None:
                     linear(xs[i], w)
 
         result["layers_ms"][str(rows)] = {
-            name: median_ms(lambda ws=ws: run(ws), args.repeats, lambda: None)
+            name: median_ms(partial(run, ws), args.repeats, lambda: None)
             for name, ws in layers.items()
         }
         x = torch.randn(rows, HEAD[1], generator=g)
         result["head_ms"][str(rows)] = {
-            name: median_ms(lambda w=w, x=x: linear(x, w), args.repeats, lambda: junk.add_(1))
+            name: median_ms(partial(linear, x, w), args.repeats, lambda: junk.add_(1))
             for name, w in heads.items()
         }
         print(rows, result["layers_ms"][str(rows)], result["head_ms"][str(rows)], flush=True)

@@ -51,6 +51,7 @@ from tests.gateway.conftest import (
     wait_serving,
 )
 from tests.gateway.fuzz_requests import (
+    SETTLE_S,
     GatewayFuzzer,
     Tally,
     TokenCounter,
@@ -63,7 +64,7 @@ from tests.gateway.fuzz_requests import (
     unary_timeout,
     wire_cases,
 )
-from tests.triton.fuzz_tensors import HIGH_STREAM, SETTLE_S, TensorFuzzer, tensor_cases
+from tests.triton.fuzz_tensors import HIGH_STREAM, TensorFuzzer, tensor_cases
 
 MAX_MINUTES = 24 * 60.0
 MAX_TURN_CHARS = 3000  # as tests/gateway/test_fuzz.py

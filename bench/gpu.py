@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,6 +49,13 @@ from sinkserve.engine.sampler import SampleRow
 from sinkserve.engine.scheduler import StepItem
 from sinkserve.engine.types import SamplingParams
 from sinkserve.engine.weights import ModelConfig
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM  # bench extra: only its type here
+
+    from sinkserve.engine.cuda_runner import CudaGraphRunner
+    from tests.engine.helpers import RecordingEngine
+    from tests.engine.test_engine_matches_oracle import Conversation
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ def median_loop_time(
     return statistics.median(times)
 
 
-def save_result(out_dir: str, prefix: str, device: str, result: dict) -> None:
+def save_result(out_dir: str, prefix: str, device: str, result: dict[str, Any]) -> None:
     """Print `result` and write it to <out_dir>/<prefix>-<device slug>.json."""
     text = json.dumps(result, indent=2)
     slug = "".join(c if c.isalnum() else "-" for c in device.lower()).strip("-")
@@ -141,7 +149,7 @@ def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
 # ---- correctness ------------------------------------------------------------------------
 
 
-def engine_vs_oracle(dev: torch.device) -> dict:
+def engine_vs_oracle(dev: torch.device) -> dict[str, Any]:
     """Relative logits error ||got - ref|| / ||ref|| per sampled row of the CUDA runner and
     of the eager bfloat16 runner against the float32 oracle. Each runner's greedy turns are
     replayed through the oracle (tests/oracle.py) on the CPU."""
@@ -153,10 +161,12 @@ def engine_vs_oracle(dev: torch.device) -> dict:
     tok = synthetic_tokenizer(vocab)
     cfg, tensors = tiny_model(vocab, hidden=256, head_dim=64, seed=5)
     dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    out: dict = {"model": "random Llama: 2 layers, hidden 256, 4 heads, 2 kv heads, hd 64"}
+    out: dict[str, Any] = {
+        "model": "random Llama: 2 layers, hidden 256, 4 heads, 2 kv heads, hd 64"
+    }
     runners = {"cuda_graph_runner": CudaGraphRunner, "eager_torch": TorchRunner}
 
-    def one_session(rec) -> list:
+    def one_session(rec: RecordingEngine) -> list[Conversation]:
         conv = Conversation(rec, rec.engine.open_session())
         rng = random.Random(1)
         for n_prompt in (70, 9, 1, 40):
@@ -164,7 +174,7 @@ def engine_vs_oracle(dev: torch.device) -> dict:
             run_until_idle(rec)
         return [conv]
 
-    def batch(rec) -> list:
+    def batch(rec: RecordingEngine) -> list[Conversation]:
         rng = random.Random(3)
         convs = [Conversation(rec, rec.engine.open_session()) for _ in range(6)]
         for i, conv in enumerate(convs[:5]):  # different positions: earlier turns
@@ -184,14 +194,15 @@ def engine_vs_oracle(dev: torch.device) -> dict:
         "batch_of_sessions_at_different_positions": (4, 32, 6, batch),
     }
     for name, (sinks, window, sessions, drive) in scenarios.items():
-        result: dict = {"sinks": sinks, "window": window}
+        result: dict[str, Any] = {"sinks": sinks, "window": window}
         for label, runner in runners.items():
             rec = RecordingEngine(
                 tok, tensors, cfg, runner, sinks=sinks, window=window, max_sessions=sessions,
                 step_token_budget=32, device=str(dev), dtype=dtype,
             )  # fmt: skip
             convs = drive(rec)
-            errs, agree = [], []
+            errs: list[float] = []
+            agree: list[int] = []
             for conv in convs:
                 for got, ref in _replay(conv, sinks, window, cfg, tensors):
                     errs.append(((got - ref).norm() / ref.norm()).item())
@@ -207,7 +218,13 @@ def engine_vs_oracle(dev: torch.device) -> dict:
     return out
 
 
-def _replay(conv, sinks: int, window: int, cfg, tensors) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _replay(
+    conv: Conversation,
+    sinks: int,
+    window: int,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(runner logits, oracle logits) for every sampled row of a conversation."""
     from tests.oracle import PlainStreamingLLM
 
@@ -261,7 +278,9 @@ def fill_full_caches(runner: TorchRunner, t0s: list[int], seed: int) -> None:
         kv.kpos[slot, kv.cache_index(pos)] = pos
 
 
-def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
+def decode_rate(
+    runner: CudaGraphRunner, t0s: list[int], steps: int, dev: torch.device
+) -> dict[str, Any]:
     """Greedy decode of len(t0s) sessions through `runner.step` (host work included; a loop
     of steps, see `median_loop_time`), and the same step as a bare graph replay (device
     time only)."""
@@ -278,11 +297,12 @@ def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
         state["pos"] = [p + 1 for p in state["pos"]]
 
     step_s = median_loop_time(one, dev, reps=steps)
-    out = {"batch": len(t0s), "step_ms": step_s * 1e3, "tok_s": len(t0s) / step_s}
+    out: dict[str, Any] = {"batch": len(t0s), "step_ms": step_s * 1e3, "tok_s": len(t0s) / step_s}
     bucket = runner._buckets.get(len(t0s)) if hasattr(runner, "_buckets") else None
     if bucket is not None and dev.type == "cuda":
         runner.settle()  # the step launched ahead, undone before replaying by hand
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         bucket.run()
         start.record()
         for _ in range(steps):
@@ -294,7 +314,9 @@ def decode_rate(runner, t0s: list[int], steps: int, dev: torch.device) -> dict:
     return out
 
 
-def runner_for(model: Llama, sessions: int, window: int, dev: torch.device, **kw):
+def runner_for(
+    model: Llama, sessions: int, window: int, dev: torch.device, **kw: bool
+) -> CudaGraphRunner:
     from sinkserve.engine.cuda_runner import CudaGraphRunner
 
     config = EngineConfig(
@@ -307,7 +329,7 @@ def runner_for(model: Llama, sessions: int, window: int, dev: torch.device, **kw
     return CudaGraphRunner(config, model, sm_count=None if dev.type == "cuda" else 8, **kw)
 
 
-def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> torch.nn.Module:
+def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> LlamaForCausalLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hc = LlamaConfig(
@@ -331,7 +353,7 @@ def hf_llama(shape: Shape, dtype: torch.dtype, dev: torch.device) -> torch.nn.Mo
     return hf.eval()
 
 
-def hf_tensors(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
+def hf_tensors(hf: LlamaForCausalLM) -> dict[str, torch.Tensor]:
     """The HF model's weights under sinkserve's names (shared, not copied)."""
     m = hf.model
     t = {"embed": m.embed_tokens.weight, "norm": m.norm.weight, "lm_head": hf.lm_head.weight}
@@ -351,7 +373,9 @@ def hf_tensors(hf: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in t.items()}
 
 
-def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) -> dict:
+def llama2_batch1(
+    shape: Shape, window: int, steps: int, copy_bw: float, dev: torch.device
+) -> dict[str, Any]:
     """Our CUDA runner and the HF StreamingLLM reference, same weights and cache contents
     (the reference's pre-RoPE keys, rotated at their absolute positions for ours)."""
     from bench.streaming_reference import HFStreamingReference, PlainDecode
@@ -409,13 +433,13 @@ def llama2_batch1(shape: Shape, window: int, steps: int, copy_bw: float, dev) ->
 
     ours = decode_rate(runner, [t0 + 1], steps, dev)
     # The same step without programmatic dependent launch, same cache contents.
-    plain = runner_for(model, 1, window, dev, pdl=False)
+    no_pdl = runner_for(model, 1, window, dev, pdl=False)
     caches = [*kv.k, *kv.v, kv.kpos]
-    for dst, src in zip([*plain.kv.k, *plain.kv.v, plain.kv.kpos], caches, strict=True):
+    for dst, src in zip([*no_pdl.kv.k, *no_pdl.kv.v, no_pdl.kv.kpos], caches, strict=True):
         dst.copy_(src)
     ours["pdl"] = runner.pdl
-    ours["without_pdl"] = decode_rate(plain, [t0 + 1], steps, dev)
-    del plain
+    ours["without_pdl"] = decode_rate(no_pdl, [t0 + 1], steps, dev)
+    del no_pdl
     # And without stepping ahead (the host's turnaround between steps then idles the GPU).
     behind = runner_for(model, 1, window, dev, ahead=False)
     for dst, src in zip([*behind.kv.k, *behind.kv.v, behind.kv.kpos], caches, strict=True):
@@ -470,7 +494,9 @@ def random_llama(shape: Shape, dtype: torch.dtype, dev: torch.device, seed: int 
     return Llama(cfg, tensors, dtype, dev)
 
 
-def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw, dev) -> dict:
+def llama3_batched(
+    shape: Shape, window: int, sessions: int, steps: int, copy_bw: float, dev: torch.device
+) -> dict[str, Any]:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = random_llama(shape, dtype, dev)
     runner = runner_for(model, sessions, window, dev)
@@ -479,7 +505,12 @@ def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw
     one = decode_rate(runner, t0s[:1], steps, dev)
     many = decode_rate(runner, t0s, steps, dev)
     wb = weights_bytes(model)
-    result = {"shape": shape.name, "cache": f"4+{window}", "batch_1": one, "batched": many}
+    result: dict[str, Any] = {
+        "shape": shape.name,
+        "cache": f"4+{window}",
+        "batch_1": one,
+        "batched": many,
+    }
     for key, rows in (("batch_1", 1), ("batched", sessions)):
         nbytes = wb + kv_bytes(runner, rows)
         result[key] |= {
@@ -491,7 +522,7 @@ def llama3_batched(shape: Shape, window: int, sessions: int, steps: int, copy_bw
     return result
 
 
-def step_ahead(dev: torch.device) -> dict:
+def step_ahead(dev: torch.device) -> dict[str, Any]:
     """The CUDA runner stepping ahead against one that does not, CUDA graphs on: the
     script of tests/engine/test_cuda_runner_ahead.py (equal ids and caches asserted)."""
     from tests.engine.test_cuda_runner_ahead import Twins, drive
@@ -521,7 +552,7 @@ def main() -> None:
         dev = torch.device("cuda")
         l2, l3, window, sessions, steps, copy_n = LLAMA2_7B, LLAMA3_8B, 2044, 64, 100, 1 << 32
         name = torch.cuda.get_device_name(dev)
-    result: dict = {
+    result: dict[str, Any] = {
         "device": name,
         "torch": torch.__version__,
         "command": "python3 bench/gpu.py"
@@ -539,7 +570,7 @@ def main() -> None:
         pass
     bw = copy_bandwidth(dev, copy_n)
     result["copy_bandwidth_GBps"] = bw / 1e9
-    sections: list[tuple[str, Callable[[], dict]]] = [
+    sections: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("correctness", lambda: engine_vs_oracle(dev)),
         ("ahead_vs_plain", lambda: step_ahead(dev)),
         ("llama2_7b_batch1", lambda: llama2_batch1(l2, window, steps, bw, dev)),

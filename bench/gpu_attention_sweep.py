@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from triton.testing import do_bench_cudagraph
@@ -77,14 +78,14 @@ def main() -> None:
                     )  # fmt: skip
                 gemv(o.view(1, -1), wo[li], pdl=True)
 
-        return do_bench_cudagraph(run, rep=300) * 1e3 / layers
+        return float(do_bench_cudagraph(run, rep=300)) * 1e3 / layers
 
     per_layer = {
         f"s{sp}_b{bn}_w{nw}_st{st}": layer_us(AttnConfig(sp, bn, nw, st, dot=False))
         for sp, bn, nw, st in SHAPES
     }
     per_layer["gemv_only"] = layer_us(None)
-    out = {"device": torch.cuda.get_device_name(dev), "us_per_layer": per_layer}
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(dev), "us_per_layer": per_layer}
     save_result(args.out, "gpu-attention-sweep", out["device"], out)
 
 

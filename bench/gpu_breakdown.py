@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +33,8 @@ from sinkserve.engine.kernels.sink_attention import AttnConfig, attention_config
 from sinkserve.engine.rope import cos_sin, inv_frequencies
 
 
-def bench_ms(fn) -> float:
-    return do_bench_cudagraph(fn, rep=200)
+def bench_ms(fn: Callable[[], object]) -> float:
+    return float(do_bench_cudagraph(fn, rep=200))
 
 
 def main() -> None:
@@ -47,7 +50,10 @@ def main() -> None:
 
     copy_bw = copy_bandwidth(dev, 1 << 32)  # as bench/gpu.py measures it
     x = rnd(1, h)
-    out: dict = {"device": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": copy_bw / 1e9}
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+    }
     projections = {}
     for name, (n_out, n_in) in {
         "wqkv": (3 * h, h),
@@ -57,8 +63,8 @@ def main() -> None:
         "lm_head": (vocab, h),
     }.items():
         wt, a = rnd(n_out, n_in), rnd(1, n_in)
-        ms = bench_ms(lambda wt=wt, a=a: F.linear(a, wt))
-        ms_t = bench_ms(lambda wt=wt, a=a: gemv(a, wt))
+        ms = bench_ms(partial(F.linear, a, wt))
+        ms_t = bench_ms(partial(gemv, a, wt))
         projections[name] = {
             "us": min(ms, ms_t) * 1e3,
             "cublas_GBps": wt.numel() * 2 / (ms / 1e3) / 1e9,
@@ -91,7 +97,7 @@ def main() -> None:
             configs[f"splits{splits}_block{block_n}"] = AttnConfig(splits, block_n)
     for name, config in configs.items():
 
-        def run(config=config):
+        def run(config: AttnConfig = config) -> None:
             positions.fill_(t0)  # the kernel stores at t0's ring index; reads stay the same
             decode_attention(
                 qkv, rope, kc, vc, kpos, slots, positions, o, sinks=s, window=w,

@@ -17,6 +17,7 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu import engine_vs_oracle
 from sinkserve.engine import cuda_runner
+from sinkserve.engine.kernels.sink_attention import AttnConfig
 
 
 def main() -> None:
@@ -34,7 +36,9 @@ def main() -> None:
     ap.add_argument("--old", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
-    original_runner, original_attn = cuda_runner.CudaGraphRunner, cuda_runner.decode_attention
+    # Swapped in the module's namespace, where the runner and `engine_vs_oracle` look them up.
+    patched = vars(cuda_runner)
+    original_runner, original_attn = patched["CudaGraphRunner"], patched["decode_attention"]
     old = None
     if args.old:
         spec = importlib.util.spec_from_file_location("old_sink_attention", args.old)
@@ -42,17 +46,24 @@ def main() -> None:
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
 
-    def old_attention(*a, config, sm_scale, counters=None, **kw):
+    def old_attention(
+        *a: object,
+        config: AttnConfig,
+        sm_scale: float,
+        counters: torch.Tensor | None = None,
+        **kw: object,
+    ) -> None:
+        assert old is not None
         if "sm_scale" in inspect.signature(old.decode_attention).parameters:
             kw["sm_scale"] = sm_scale  # else the old kernel scales by hd^-0.5 itself
         old.decode_attention(*a, splits=config.splits, block_n=64, **kw)
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for graphs in (True, False):
         for gemv in (True, False):
             for attn in ("new", "old") if old else ("new",):
-                cuda_runner.decode_attention = old_attention if attn == "old" else original_attn
-                cuda_runner.CudaGraphRunner = partial(original_runner, graphs=graphs, gemv=gemv)
+                patched["decode_attention"] = old_attention if attn == "old" else original_attn
+                patched["CudaGraphRunner"] = partial(original_runner, graphs=graphs, gemv=gemv)
                 key = f"graphs_{graphs}_gemv_{gemv}_attn_{attn}"
                 try:
                     r = engine_vs_oracle(dev)

@@ -13,12 +13,15 @@ import ctypes
 import json
 import sys
 import time
+from typing import Any
 
 import llama_cpp as L
 import numpy as np
 
 
-def run(model: object, threads: int, n_seq: int, prompt_len: int, new_tokens: int) -> dict:
+def run(
+    model: object, threads: int, n_seq: int, prompt_len: int, new_tokens: int
+) -> dict[str, Any]:
     per_seq = prompt_len + new_tokens + 16
     cp = L.llama_context_default_params()
     cp.n_seq_max = n_seq

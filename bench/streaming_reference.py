@@ -18,20 +18,21 @@ issue's orientation figure, to tell a slow host from a slow method).
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+from transformers import DynamicCache, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaAttention, repeat_kv, rotate_half
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of one tensor [1, heads, n, hd] at the table's n rows (the reference's
     single-tensor rotation; transformers' `apply_rotary_pos_emb` would rotate two)."""
-    return x * cos + rotate_half(x) * sin
+    rotated: torch.Tensor = x * cos + rotate_half(x) * sin
+    return rotated
 
 
 class HFStreamingReference:
     """One session over `hf` (a `LlamaForCausalLM`) with pre-RoPE K/V caches."""
 
-    def __init__(self, hf: torch.nn.Module, sinks: int, window: int) -> None:
+    def __init__(self, hf: LlamaForCausalLM, sinks: int, window: int) -> None:
         self.hf, self.sinks, self.window = hf, sinks, window
         cfg = hf.config
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -55,12 +56,18 @@ class HFStreamingReference:
         for i, layer in enumerate(self.hf.model.layers):
             attn = layer.self_attn
 
-            def forward(hidden_states, *args, _i=i, _attn=attn, **kwargs):
+            def forward(
+                hidden_states: torch.Tensor,
+                *args: object,
+                _i: int = i,
+                _attn: LlamaAttention = attn,
+                **kwargs: object,
+            ) -> tuple[torch.Tensor, None]:
                 return self._attention(_i, _attn, hidden_states), None
 
             attn.forward = forward
 
-    def _attention(self, i: int, attn: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _attention(self, i: int, attn: LlamaAttention, h: torch.Tensor) -> torch.Tensor:
         q = attn.q_proj(h).view(1, 1, self.nh, self.hd).transpose(1, 2)
         k = attn.k_proj(h).view(1, 1, self.nkv, self.hd).transpose(1, 2)
         v = attn.v_proj(h).view(1, 1, self.nkv, self.hd).transpose(1, 2)
@@ -76,7 +83,8 @@ class HFStreamingReference:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = (probs @ vals).transpose(1, 2).reshape(1, 1, self.nh * self.hd)
         self._store(i, keys, values)
-        return attn.o_proj(out)
+        projected: torch.Tensor = attn.o_proj(out)
+        return projected
 
     @torch.inference_mode()
     def step(self, token: int) -> torch.Tensor:
@@ -84,7 +92,8 @@ class HFStreamingReference:
         self.patch()
         dev = self.hf.lm_head.weight.device
         out = self.hf(input_ids=torch.tensor([[token]], device=dev), use_cache=False)
-        return out.logits[0, -1].float()
+        logits: torch.Tensor = out.logits[0, -1]
+        return logits.float()
 
     @torch.inference_mode()
     def lean_step(self, token: int) -> torch.Tensor:
@@ -95,7 +104,8 @@ class HFStreamingReference:
         for i, layer in enumerate(model.layers):
             x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.hf.lm_head(model.norm(x))[0, -1].float()
+        logits: torch.Tensor = self.hf.lm_head(model.norm(x))
+        return logits[0, -1].float()
 
     def _store(self, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Evict to S sinks + W recent, as StartRecentKVCache does after each step."""
@@ -116,7 +126,7 @@ class PlainDecode:
     `token`, one token id read back a step (as the reference loop)."""
 
     def __init__(
-        self, hf: torch.nn.Module, keys: list[torch.Tensor], values: list[torch.Tensor], token: int
+        self, hf: LlamaForCausalLM, keys: list[torch.Tensor], values: list[torch.Tensor], token: int
     ) -> None:
         self.hf, self.n, self.token = hf, keys[0].shape[2], token
         self.cache = DynamicCache(config=hf.config)

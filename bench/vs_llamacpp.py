@@ -22,7 +22,9 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from sinkserve.bench import engine_driver, machine_name, model_name, plot, steady_decode_rate
 from sinkserve.config import EngineConfig
@@ -43,7 +45,7 @@ class LlamaWorker:
         )
         self.info = self._read()
 
-    def _read(self) -> dict:
+    def _read(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -100,8 +102,8 @@ def main() -> None:
         for rep in range(args.repeats):
             for n in args.sessions:
                 pair = [
-                    ("llama.cpp", lambda n=n: llama.decode(n, args.prompt_tokens, args.new_tokens)),
-                    ("sinkserve", lambda n=n: ours(n)),
+                    ("llama.cpp", partial(llama.decode, n, args.prompt_tokens, args.new_tokens)),
+                    ("sinkserve", partial(ours, n)),
                 ]
                 for name, fn in pair if rep % 2 == 0 else pair[::-1]:
                     runs[str(n)][name].append(fn())

@@ -13,6 +13,7 @@ import math
 import torch
 
 from sinkserve.engine.rope import inv_frequencies
+from sinkserve.engine.weights import ModelConfig
 
 
 def _rope(x: torch.Tensor, position: int, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,9 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 class PlainStreamingLLM:
     """A single session of plain StreamingLLM over a float32 weights dict."""
 
-    def __init__(self, cfg, tensors: dict[str, torch.Tensor], sinks: int, window: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tensors: dict[str, torch.Tensor], sinks: int, window: int
+    ) -> None:
         self.cfg, self.w = cfg, {k: t.float() for k, t in tensors.items()}
         self.sinks, self.window = sinks, window
         self.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -55,7 +58,7 @@ class PlainStreamingLLM:
                 del self.keys[i][self.sinks]
                 del self.values[i][self.sinks]
             n = len(self.keys[i])
-            out = []
+            out: list[torch.Tensor] = []
             for head in range(nh):
                 kvh = head // (nh // nkv)
                 qh = _rope(q.view(nh, hd)[head], n - 1, self.inv_freq)
@@ -66,10 +69,11 @@ class PlainStreamingLLM:
                     ]
                 )
                 probs = torch.softmax(scores, dim=0)
-                out.append(sum(probs[j] * self.values[i][j][kvh] for j in range(n)))
+                weighted = (probs[j] * self.values[i][j][kvh] for j in range(n))
+                out.append(sum(weighted, torch.zeros_like(qh)))  # a tensor start: a tensor sum
             x = x + w[p + "wo"] @ torch.cat(out)
             h = _rms(x, w[p + "ffn_norm"], cfg.rms_eps)
             gate, up = w[p + "w_gate"] @ h, w[p + "w_up"] @ h
             x = x + w[p + "w_down"] @ (torch.nn.functional.silu(gate) * up)
-        head = w["embed"] if cfg.tie_embeddings else w["lm_head"]
-        return head @ _rms(x, w["norm"], cfg.rms_eps)
+        lm_head = w["embed"] if cfg.tie_embeddings else w["lm_head"]
+        return lm_head @ _rms(x, w["norm"], cfg.rms_eps)

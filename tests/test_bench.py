@@ -4,8 +4,10 @@ tokens that arrive while every session is decoding, and token counting over gRPC
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
 
 import grpc
+import pytest
 
 from sinkserve.bench import (
     Trace,
@@ -19,32 +21,34 @@ from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2_grpc
 
 
-def test_percentiles_are_nearest_rank_in_milliseconds():
+def test_percentiles_are_nearest_rank_in_milliseconds() -> None:
     values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
     assert percentiles(values) == {"p50_ms": 50.0, "p90_ms": 90.0, "p99_ms": 99.0}
     assert percentiles([]) == {}
 
 
-def test_steady_rate_counts_only_the_window_where_all_sessions_decode():
+def test_steady_rate_counts_only_the_window_where_all_sessions_decode() -> None:
     # Session a decodes at 10 tok/s from t=0; b starts at t=1 at 10 tok/s; both end at t=3.
     a = Trace(sent=0.0, token_times=[i / 10 for i in range(0, 31)])
     b = Trace(sent=0.0, token_times=[1 + i / 10 for i in range(0, 21)])
     assert abs(steady_decode_rate([a, b]) - 20.0) < 1e-6
 
 
-def test_one_session_rate_is_its_inter_token_rate():
+def test_one_session_rate_is_its_inter_token_rate() -> None:
     a = Trace(sent=0.0, token_times=[0.5 + i * 0.02 for i in range(11)])
     assert abs(steady_decode_rate([a]) - 50.0) < 1e-6
 
 
-def test_bench_flags_parse_a_list_of_session_counts():
+def test_bench_flags_parse_a_list_of_session_counts() -> None:
     parser = argparse.ArgumentParser()
     add_bench_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--sessions", "1,4,16", "--quant", "int4"])
     assert args.sessions == [1, 4, 16] and args.quant == "int4" and args.target == "engine"
 
 
-def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys, monkeypatch):
+def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from sinkserve import cli
 
     # main() would point the process-wide structlog at this test's captured stderr.
@@ -57,7 +61,9 @@ def test_a_bad_engine_flag_is_named_and_exits_2_without_a_traceback(capsys, monk
 class DeltasOfThree(chat_pb2_grpc.ChatServiceServicer):
     """A Chat service that answers every turn with 9 tokens in deltas of 3."""
 
-    async def Chat(self, requests, context):
+    async def Chat(
+        self, requests: AsyncIterator[pb.ChatRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ChatResponse]:
         async for request in requests:
             kind = request.WhichOneof("action")
             if kind == "open":
@@ -73,9 +79,10 @@ class DeltasOfThree(chat_pb2_grpc.ChatServiceServicer):
                 return
 
 
-async def test_the_gateway_driver_counts_tokens_not_deltas():
+async def test_the_gateway_driver_counts_tokens_not_deltas() -> None:
     server = grpc.aio.server()
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(DeltasOfThree(), server)
+    # The generated stubs make every RPC abstract; the runtime base answers UNIMPLEMENTED.
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(DeltasOfThree(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

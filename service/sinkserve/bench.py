@@ -32,12 +32,15 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sinkserve.config import EngineConfig, add_engine_flags, engine_config
+
+if TYPE_CHECKING:  # imported where used: torch loads only for an in-process engine
+    from sinkserve.engine.engine import Engine
 
 PASSAGE = (
     "The river runs past the old mill and under the stone bridge, where the children of "
@@ -45,7 +48,7 @@ PASSAGE = (
 )
 
 Prompt = str | list[int]  # raw text, or token ids
-Driver = Callable[[int, Prompt, int], Awaitable[list["Trace"]]]
+Driver = Callable[[int, Prompt, int], Coroutine[Any, Any, list["Trace"]]]
 
 
 @dataclass
@@ -101,7 +104,7 @@ def prompt_text(tokens: int) -> str:
 # ---- targets ---------------------------------------------------------------------------
 
 
-def engine_driver(engine: Any) -> Driver:
+def engine_driver(engine: Engine) -> Driver:
     """Runs turns on an in-process Engine."""
     from sinkserve.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
 
@@ -221,7 +224,9 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
     engine = Engine.load(config)
     engine.start()
     try:
-        result = asyncio.run(measure({"engine": engine_driver(engine)}, args))["engine"]
+        result: dict[str, Any] = asyncio.run(measure({"engine": engine_driver(engine)}, args))[
+            "engine"
+        ]
     finally:
         engine.shutdown()
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -291,7 +296,7 @@ async def _e2e(
             await gw.stop(1.0)
         if engine is not None:
             engine.shutdown()
-    result = results["e2e"]
+    result: dict[str, Any] = results["e2e"]
     if "engine" in results:
         direct = results["engine"]
         result["engine_direct"] = direct

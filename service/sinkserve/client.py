@@ -144,12 +144,16 @@ class ChatClient:
 
     async def create_session(self, system_prompt: str = "") -> pb.Session:
         req = pb.CreateSessionRequest(system_prompt=system_prompt)
-        return (await self._stub.CreateSession(req, metadata=self._metadata)).session
+        response: pb.CreateSessionResponse = await self._stub.CreateSession(
+            req, metadata=self._metadata
+        )
+        return response.session
 
     async def get_session(self, session_id: str) -> pb.Session:
         req = pb.GetSessionRequest(session_id=session_id)
         md = _about(self._metadata, session_id)
-        return (await self._stub.GetSession(req, metadata=md)).session
+        response: pb.GetSessionResponse = await self._stub.GetSession(req, metadata=md)
+        return response.session
 
     async def delete_session(self, session_id: str) -> None:
         req = pb.DeleteSessionRequest(session_id=session_id)

@@ -11,7 +11,9 @@ import pytest
 from bench import multiturn_gpu as mt
 
 
-def conversation(index: int, start: float, turn_s: float, ttft_s: float, turns: int):
+def conversation(
+    index: int, start: float, turn_s: float, ttft_s: float, turns: int
+) -> mt.Conversation:
     conv = mt.Conversation(index)
     for t in range(turns):
         conv.sent_at, conv.first_at = start + t * turn_s, start + t * turn_s + ttft_s
@@ -19,7 +21,7 @@ def conversation(index: int, start: float, turn_s: float, ttft_s: float, turns: 
     return conv
 
 
-def test_rates_count_the_common_turns_only_and_ttft_is_kept_by_turn():
+def test_rates_count_the_common_turns_only_and_ttft_is_kept_by_turn() -> None:
     load = mt.Workload(sessions=2, turns=3, user=4, reply=8, vocab=100)
     convs = [conversation(0, 0.0, 1.0, 0.1, turns=5), conversation(1, 0.0, 0.5, 0.2, turns=3)]
     got = mt.summarize(convs, load, started=0.0)
@@ -31,20 +33,25 @@ def test_rates_count_the_common_turns_only_and_ttft_is_kept_by_turn():
     assert got["refused"] == [] and got["short_replies"] == []
 
 
-def test_the_same_user_tokens_for_both_engines():
+def test_the_same_user_tokens_for_both_engines() -> None:
     a = mt.Workload(sessions=1, turns=1, user=16, reply=1, vocab=1000)
     b = mt.Workload(sessions=1, turns=1, user=16, reply=1, vocab=1000)
     assert a.user_tokens(3, 7) == b.user_tokens(3, 7) != a.user_tokens(3, 8)
     assert all(10 <= t < 990 for t in a.user_tokens(0, 0))
 
 
-def test_report_merges_both_engines_into_ratios_and_a_plot(tmp_path: Path):
+def test_report_merges_both_engines_into_ratios_and_a_plot(tmp_path: Path) -> None:
     sizes = {"sinkserve": (100.0, 50.0), "vllm": (200.0, 25.0)}  # tok/s, TTFT ms
-    paths = []
+    paths: list[Path] = []
     for engine, (rate, ttft) in sizes.items():
         rows = [{"turn": t, "n": 1, "p50_ms": ttft, "p99_ms": 2 * ttft} for t in (1, 2)]
         run = {"sessions": 4, "aggregate_tok_s": rate, "ttft_by_turn": rows}
-        result = {"engine": engine, "device": "Test GPU", "shape": "s", "runs": [run]}
+        result: dict[str, object] = {
+            "engine": engine,
+            "device": "Test GPU",
+            "shape": "s",
+            "runs": [run],
+        }
         result["workload"] = {"turns": 2}
         paths.append(tmp_path / f"{engine}.json")
         paths[-1].write_text(json.dumps(result))
@@ -56,7 +63,9 @@ def test_report_merges_both_engines_into_ratios_and_a_plot(tmp_path: Path):
     assert (tmp_path / "multiturn-gpu-test-gpu.png").stat().st_size > 0
 
 
-def test_the_sinkserve_driver_runs_every_turn_of_every_conversation(tmp_path: Path, monkeypatch):
+def test_the_sinkserve_driver_runs_every_turn_of_every_conversation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CUDA runner's kernels, on the CPU
     out = tmp_path / "s.json"
     argv = ["run", "--engine", "sinkserve", "--smoke", "--sessions", "1,3", "--turns", "2"]

@@ -50,14 +50,14 @@ def end(reason: int, prompt: int, generated: int, position: int) -> pb.TurnEnd:
     return pb.TurnEnd(finish_reason=reason, usage=usage)  # type: ignore[arg-type]
 
 
-def test_a_turn_feeds_its_prompt_and_all_but_its_last_token():
+def test_a_turn_feeds_its_prompt_and_all_but_its_last_token() -> None:
     # as the engine test: 20 prompt tokens, 5 generated -> position 24, one token owed
     assert expected_position(0, 20, 5) == 24
     assert expected_position(24, 3, 1) == 27
     assert ended_turn_problems(24, end(LENGTH, 3, 1, 27), [9], 1, CACHE) == ([], [])
 
 
-def test_a_position_off_by_one_or_a_token_unaccounted_is_caught():
+def test_a_position_off_by_one_or_a_token_unaccounted_is_caught() -> None:
     position, usage = ended_turn_problems(100, end(LENGTH, 10, 4, 114), [1, 2, 3, 4], 4, CACHE)
     assert position and "113" in position[0] and usage == []
     # STOP by end-of-sequence: generated counts it, the stream does not carry it
@@ -66,13 +66,13 @@ def test_a_position_off_by_one_or_a_token_unaccounted_is_caught():
     assert ended_turn_problems(0, end(LENGTH, 10, 4, 13), [1, 2, 3], 4, CACHE)[1]
 
 
-def test_the_cache_must_hold_the_sinks_and_the_window_and_count_the_rest_evicted():
+def test_the_cache_must_hold_the_sinks_and_the_window_and_count_the_rest_evicted() -> None:
     turn = end(LENGTH, 10, 1, 2000)
     turn.usage.cached_tokens = 1000
     assert ended_turn_problems(1990, turn, [7], 1, CACHE)[1]
 
 
-def test_a_cancelled_turn_ends_where_getsession_then_says_within_what_it_could_feed():
+def test_a_cancelled_turn_ends_where_getsession_then_says_within_what_it_could_feed() -> None:
     assert cancelled_turn_problems(50, end(CANCELLED, 10, 2, 61), [1, 2], 61, CACHE) == ([], [])
     assert cancelled_turn_problems(50, end(CANCELLED, 10, 2, 61), [1, 2], 62, CACHE)[0]
     assert cancelled_turn_problems(50, end(CANCELLED, 10, 2, 70), [1, 2], 70, CACHE)[0]
@@ -80,7 +80,7 @@ def test_a_cancelled_turn_ends_where_getsession_then_says_within_what_it_could_f
     assert cancelled_turn_problems(50, end(CANCELLED, 0, 0, 0), [], 50, CACHE) == ([], [])
 
 
-def test_text_must_be_the_decoding_of_the_turns_ids(tokenizer: Tokenizer):
+def test_text_must_be_the_decoding_of_the_turns_ids(tokenizer: Tokenizer) -> None:
     def kind(text: str, ids: list[int]) -> str | None:
         problem = text_problem(text, ids, tokenizer)
         return None if problem is None else problem[0]
@@ -95,7 +95,7 @@ def test_text_must_be_the_decoding_of_the_turns_ids(tokenizer: Tokenizer):
     assert kind(text, ids[:cut]) == "ended_inside_a_character"
 
 
-def test_the_rss_slope_is_a_least_squares_fit_per_hour_after_the_warm_up():
+def test_the_rss_slope_is_a_least_squares_fit_per_hour_after_the_warm_up() -> None:
     assert slope_per_hour([0, 1800, 3600], [100, 110, 120]) == pytest.approx(20.0)
     assert slope_per_hour([0, 10, 20], [5, 9, 4]) == pytest.approx(-0.05 * 3600)
     assert slope_per_hour([10], [1]) is None
@@ -106,7 +106,7 @@ def test_the_rss_slope_is_a_least_squares_fit_per_hour_after_the_warm_up():
 
 
 @pytest.mark.timeout(600)  # a cold model load and three minutes of turns on 2 cores
-def test_a_three_minute_soak_loses_no_turn_and_leaks_no_descriptor(tmp_path: Path):
+def test_a_three_minute_soak_loses_no_turn_and_leaks_no_descriptor(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     args = ["--minutes", str(MINUTES), "--sessions", str(SESSIONS), "--seed", "1"]
     proc = subprocess.run(

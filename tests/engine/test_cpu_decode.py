@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Sequence
+from typing import NoReturn
 
 import pytest
 import structlog
@@ -16,7 +18,9 @@ from sinkserve.engine.model import Llama
 from sinkserve.engine.quant import Int4Weight
 from sinkserve.engine.runner import TorchRunner, torch_dtype
 from sinkserve.engine.scheduler import StepItem
-from tests.engine.helpers import RecordingEngine, tiny_model
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.weights import ModelConfig
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 from tests.engine.test_engine_matches_oracle import check_three_bfloat16_sessions, tokens
 
 SINKS, WINDOW = 2, 8  # a small ring: it rolls several times per test
@@ -39,12 +43,18 @@ def on_int4_grid(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     cfg, tensors = tiny_model(tokenizer.vocab_size)
     return cfg, on_int4_grid(tensors)
 
 
-def make_runner(cfg, tensors, max_sessions: int, dtype="bfloat16", quant="int4") -> TorchRunner:
+def make_runner(
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    max_sessions: int,
+    dtype: str = "bfloat16",
+    quant: str = "int4",
+) -> TorchRunner:
     config = EngineConfig(
         dtype=dtype, quant=quant, sinks=SINKS, window=WINDOW, max_sessions=max_sessions
     )
@@ -62,7 +72,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model, case):
+def test_fused_steps_match_the_eager_path_logits_keys_and_positions(
+    model: TinyModel, case: str
+) -> None:
     cfg, tensors = model
     dtype, quant, tol = CASES[case]
     # int4: one session more than the row count from which the matmuls take the dense
@@ -77,7 +89,7 @@ def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model, case)
     calls = 0
     real = fused.fused.logits
 
-    def counting(items):
+    def counting(items: Sequence[StepItem]) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return real(items)
@@ -125,7 +137,7 @@ def test_fused_steps_match_the_eager_path_logits_keys_and_positions(model, case)
         torch.testing.assert_close(fused.kv.v[layer], eager.kv.v[layer], atol=0.5 * tol, rtol=0)
 
 
-def test_only_steps_of_single_tokens_take_the_fused_path(model):
+def test_only_steps_of_single_tokens_take_the_fused_path(model: TinyModel) -> None:
     cfg, tensors = model
     runner = make_runner(cfg, tensors, 32)
     assert runner.fused is not None
@@ -136,7 +148,9 @@ def test_only_steps_of_single_tokens_take_the_fused_path(model):
     assert not runner.fused.takes([])
 
 
-def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenizer, model):
+def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     """Three sessions of the engine, prompts prefilled beside decoding, against the oracle
     on the same (4-bit grid) weights: the fused step's sinks, ring and GQA heads."""
     cfg, tensors = model
@@ -149,7 +163,7 @@ def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenize
     taken = 0
     real = fused.logits
 
-    def counting(items):
+    def counting(items: Sequence[StepItem]) -> torch.Tensor:
         nonlocal taken
         taken += 1
         return real(items)
@@ -159,8 +173,10 @@ def test_int4_sessions_decoding_through_the_fused_path_match_the_oracle(tokenize
     assert taken >= 40
 
 
-def test_without_a_compiler_the_engine_logs_why_and_stays_eager(model, monkeypatch):
-    def no_compiler():
+def test_without_a_compiler_the_engine_logs_why_and_stays_eager(
+    model: TinyModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_compiler() -> NoReturn:
         raise RuntimeError("Error building extension: c++ not found")
 
     monkeypatch.setattr(cpu_decode, "extension", no_compiler)

@@ -5,13 +5,17 @@ of `bench/gpu.py` repeats this with CUDA graphs)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sinkserve.config import EngineConfig
-from sinkserve.engine.cuda_runner import CudaGraphRunner
+from sinkserve.engine.cuda_runner import CudaGraphRunner, _Ahead, _Bucket
+from sinkserve.engine.kv_cache import CacheEntries
 from sinkserve.engine.model import Llama
 from sinkserve.engine.sampler import SampleRow
 from sinkserve.engine.scheduler import StepItem
+from sinkserve.engine.tokenizer import Tokenizer
 from sinkserve.engine.types import SamplingParams
 from tests.engine.helpers import tiny_model
 
@@ -40,11 +44,11 @@ class Twins:
         self.launched = self.undone = 0
         launch, restore = self.ahead._launch_ahead, self.ahead.kv.restore
 
-        def counting_launch(*args):
+        def counting_launch(bucket: _Bucket, items: Sequence[StepItem]) -> _Ahead:
             self.launched += 1
-            return launch(*args)
+            return launch(bucket, items)
 
-        def counting_restore(saved):
+        def counting_restore(saved: CacheEntries) -> None:
             self.undone += 1
             restore(saved)
 
@@ -108,11 +112,11 @@ def drive(t: Twins) -> None:
     t.assert_same_cache()
 
 
-def test_stepping_ahead_changes_no_id_and_no_cache_entry(tokenizer):
+def test_stepping_ahead_changes_no_id_and_no_cache_entry(tokenizer: Tokenizer) -> None:
     drive(Twins(tokenizer.vocab_size))
 
 
-def test_a_step_ahead_left_pending_is_undone_before_the_cache_is_read(tokenizer):
+def test_a_step_ahead_left_pending_is_undone_before_the_cache_is_read(tokenizer: Tokenizer) -> None:
     t = Twins(tokenizer.vocab_size)
     t.step([(0, [5, 6, 7])])
     t.decode([0], 3)

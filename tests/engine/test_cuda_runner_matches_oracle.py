@@ -9,7 +9,8 @@ from functools import partial
 import pytest
 
 from sinkserve.engine.cuda_runner import CudaGraphRunner
-from tests.engine.helpers import RecordingEngine, tiny_model
+from sinkserve.engine.tokenizer import Tokenizer
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 from tests.engine.test_engine_matches_oracle import (
     Conversation,
     run_until_idle,
@@ -21,11 +22,13 @@ Runner = partial(CudaGraphRunner, graphs=False, sm_count=8)
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size)
 
 
-def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer, model):
+def test_one_session_matches_the_oracle_through_three_window_turnovers(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 4, 20
     rec = RecordingEngine(
@@ -40,7 +43,9 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19
 
 
-def test_batched_sessions_at_different_positions_match_the_oracle(tokenizer, model):
+def test_batched_sessions_at_different_positions_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 12
     rec = RecordingEngine(

@@ -8,8 +8,10 @@ import random
 import pytest
 import torch
 
-from sinkserve.engine.types import SamplingParams, TokenEvent, TurnEnd
-from tests.engine.helpers import RecordingEngine, tiny_model
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.types import Event, SamplingParams, TokenEvent, TurnEnd
+from sinkserve.engine.weights import ModelConfig
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 from tests.oracle import PlainStreamingLLM
 
 TOL = 1e-3
@@ -30,7 +32,7 @@ class Conversation:
         pending = self.owed + prompt
         params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
 
-        def on_events(events: list) -> None:
+        def on_events(events: list[Event]) -> None:
             for e in events:
                 if isinstance(e, TokenEvent):
                     generated.append(e.token_id)
@@ -42,7 +44,9 @@ class Conversation:
         self.turns.append((pending, generated, turn_id))
         return turn_id
 
-    def pairs(self, sinks: int, window: int, cfg, tensors) -> list[tuple[torch.Tensor, ...]]:
+    def pairs(
+        self, sinks: int, window: int, cfg: ModelConfig, tensors: dict[str, torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(engine logits, oracle logits) of every generated token, replayed in order."""
         oracle = PlainStreamingLLM(cfg, tensors, sinks, window)
         out = []
@@ -57,7 +61,9 @@ class Conversation:
                 out.append((got, expected))
         return out
 
-    def check(self, sinks: int, window: int, cfg, tensors) -> int:
+    def check(
+        self, sinks: int, window: int, cfg: ModelConfig, tensors: dict[str, torch.Tensor]
+    ) -> int:
         """Every logit within TOL of the oracle's; return how many rows were compared."""
         pairs = self.pairs(sinks, window, cfg, tensors)
         for i, (got, expected) in enumerate(pairs):
@@ -78,7 +84,13 @@ def tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
-def check_three_bfloat16_sessions(rec: RecordingEngine, cfg, tensors, sinks: int, window: int):
+def check_three_bfloat16_sessions(
+    rec: RecordingEngine,
+    cfg: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    sinks: int,
+    window: int,
+) -> None:
     """Three sessions of a bfloat16 engine decoding together and prefilling, through window
     turnovers, stay within bfloat16 rounding of the oracle."""
     rng = random.Random(5)
@@ -100,11 +112,13 @@ def check_three_bfloat16_sessions(rec: RecordingEngine, cfg, tensors, sinks: int
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size)
 
 
-def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer, model):
+def test_one_session_matches_the_oracle_through_three_window_turnovers(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 4, 20
     rec = RecordingEngine(tokenizer, tensors, cfg, sinks=sinks, window=window, step_token_budget=7)
@@ -119,7 +133,9 @@ def test_one_session_matches_the_oracle_through_three_window_turnovers(tokenizer
     assert conv.check(sinks, window, cfg, tensors) == 4 * 19
 
 
-def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(tokenizer, model):
+def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     """bfloat16 on CPU (weights prepacked for oneDNN where the CPU has AMX, plain
     elsewhere): three sessions decoding together and prefilling, through window turnovers."""
     cfg, tensors = model
@@ -131,7 +147,9 @@ def test_a_bfloat16_cpu_engine_stays_within_bfloat16_rounding_of_the_oracle(toke
     check_three_bfloat16_sessions(rec, cfg, tensors, sinks, window)
 
 
-def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer, model):
+def test_without_sinks_the_engine_matches_plain_window_attention(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     rec = RecordingEngine(tokenizer, tensors, cfg, sinks=0, window=16, step_token_budget=5)
     conv = Conversation(rec, rec.engine.open_session())
@@ -142,7 +160,9 @@ def test_without_sinks_the_engine_matches_plain_window_attention(tokenizer, mode
     assert conv.check(0, 16, cfg, tensors) == 50
 
 
-def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(tokenizer, model):
+def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 12
     rec = RecordingEngine(
@@ -166,6 +186,7 @@ def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle
     convs[7].submit(tokens(rng, 30, cfg.vocab_size), max_new=15)  # joins mid-stream
     for _ in range(3):
         rec.engine.step()
+    assert cancelled is not None
     rec.engine.cancel(cancelled)
     run_until_idle(rec)
     reasons = [c.ended[-1].finish_reason.value for c in convs]
@@ -175,7 +196,9 @@ def test_eight_batched_sessions_with_a_late_joiner_and_a_cancel_match_the_oracle
         assert conv.check(sinks, window, cfg, tensors) > 0
 
 
-def test_a_session_swapped_to_host_and_back_matches_the_oracle(tokenizer, model):
+def test_a_session_swapped_to_host_and_back_matches_the_oracle(
+    tokenizer: Tokenizer, model: TinyModel
+) -> None:
     cfg, tensors = model
     sinks, window = 2, 10
     rec = RecordingEngine(

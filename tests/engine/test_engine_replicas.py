@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from sinkserve.engine.store import SessionRecord, SQLiteStore
-from sinkserve.engine.types import FinishReason, SessionBusy, TokenEvent, TurnEnd
-from tests.engine.helpers import RecordingEngine, tiny_model
+from sinkserve.engine.engine import Engine, Sampling
+from sinkserve.engine.store import SessionRecord, SessionStore, SQLiteStore
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.types import Event, FinishReason, SessionBusy, TokenEvent, TurnEnd
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 
 LEASE_S = 1.5
 LONG = {"max_new_tokens": 4000, "ignore_eos": True}  # cancelled long before its end
@@ -21,12 +24,12 @@ SHORT = {"max_new_tokens": 4, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size, seed=7)
 
 
 @pytest.fixture
-def replicas(tokenizer, model, tmp_path: Path):
+def replicas(tokenizer: Tokenizer, model: TinyModel, tmp_path: Path) -> Iterator[list[Engine]]:
     """Two started engines, replicas "a" and "b", on one SQLite file."""
     engines = [
         RecordingEngine(
@@ -48,8 +51,19 @@ def replicas(tokenizer, model, tmp_path: Path):
         engine.shutdown()
 
 
-def run(engine, sid, prompt, params) -> TurnEnd:
-    async def go():
+def store_of(engine: Engine) -> SessionStore:
+    assert engine._writer is not None  # the replicas have a store
+    return engine._writer.store
+
+
+def stored(engine: Engine, sid: str) -> SessionRecord:
+    record = store_of(engine).get(sid, now=0)
+    assert record is not None, sid
+    return record
+
+
+def run(engine: Engine, sid: str, prompt: Sequence[int], params: Sampling) -> TurnEnd:
+    async def go() -> list[Event]:
         return [e async for e in engine.generate(sid, prompt, params)]
 
     events = asyncio.run(go())
@@ -57,7 +71,7 @@ def run(engine, sid, prompt, params) -> TurnEnd:
     return events[-1]
 
 
-def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> None:
+def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas: list[Engine]) -> None:
     a, b = replicas
     sid = a.open_session()
     run(a, sid, [5, 9], SHORT)
@@ -65,7 +79,7 @@ def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> 
     started, done = threading.Event(), threading.Event()
     ended: list[TurnEnd] = []
 
-    def on_events(events):
+    def on_events(events: list[Event]) -> None:
         started.set()
         if isinstance(events[-1], TurnEnd):
             ended.append(events[-1])
@@ -89,7 +103,7 @@ def test_a_turn_running_on_one_replica_makes_the_other_answer_busy(replicas) -> 
     assert again.usage.position == after.usage.position + 1 + 1 + SHORT["max_new_tokens"] - 1
 
 
-def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas) -> None:
+def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas: list[Engine]) -> None:
     """Each round both replicas start a turn at once: the loser of the claim waits for
     the winner's turn to end (or answers busy if it outlasts a lease renewal), then goes
     on from the winner's record. A split brain (both turns from the same state) would
@@ -116,14 +130,21 @@ def test_two_replicas_racing_for_one_session_never_both_advance_it(replicas) -> 
         position += len(ran) * (n + 1)  # the owed token, the prompt, n - 1 generated
         for engine in replicas:
             assert engine.flush_store(5)
-        record = a._writer.store.get(sid, now=0)
+        record = stored(a, sid)
         assert record.position == position and record.lease_until == 0, outcome
 
 
-def _race(name, engine, sid, params, gate, outcome) -> None:
+def _race(
+    name: str,
+    engine: Engine,
+    sid: str,
+    params: Sampling,
+    gate: threading.Barrier,
+    outcome: dict[str, object],
+) -> None:
     done = threading.Event()
 
-    def on_events(events):
+    def on_events(events: list[Event]) -> None:
         if isinstance(events[-1], TurnEnd):
             done.set()
 
@@ -138,28 +159,28 @@ def _race(name, engine, sid, params, gate, outcome) -> None:
 
 
 def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
-    replicas, monkeypatch: pytest.MonkeyPatch
+    replicas: list[Engine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = replicas
     sid = a.open_session()
     end = run(a, sid, [5, 9], SHORT)
     assert a.flush_store(5)
-    store = a._writer.store
-    record = store.get(sid, now=0)
+    store = store_of(a)
+    record = stored(a, sid)
     # A third replica claimed the session for a turn and died without ending it.
     ghost = replace(record, version=record.version + 1, holder="ghost/1")
     ghost = replace(ghost, lease_until=time.time() + LEASE_S)
     assert store.put(ghost)
     # b's leases, as it writes them: a claim's lease is b's clock at the claim + LEASE_S.
     leases: list[float] = []
-    put = b._writer.store.put
+    put = store_of(b).put
 
     def recording_put(rec: SessionRecord) -> bool:
         if rec.session_id == sid and rec.lease_until > 0:
             leases.append(rec.lease_until)
         return put(rec)
 
-    monkeypatch.setattr(b._writer.store, "put", recording_put)
+    monkeypatch.setattr(store_of(b), "put", recording_put)
     after = run(b, sid, [7], SHORT)
     # It waited the lease out: b claimed the session only once, by its own clock, the
     # ghost's lease had run out.
@@ -169,7 +190,7 @@ def test_the_lease_of_a_dead_replica_runs_out_and_the_session_moves_on(
 
 
 def test_a_replica_whose_session_was_taken_drops_its_copy_and_writes_nothing_older(
-    replicas,
+    replicas: list[Engine],
 ) -> None:
     a, b = replicas
     sid = a.open_session()
@@ -177,15 +198,15 @@ def test_a_replica_whose_session_was_taken_drops_its_copy_and_writes_nothing_old
     assert a.flush_store(5)
     run(b, sid, [7], SHORT)  # b takes it over and advances it
     assert b.flush_store(5)
-    newest = b._writer.store.get(sid, now=0)
+    newest = stored(b, sid)
     # a still holds its old copy in memory; touching it rebuilds from b's newer record.
     assert a.has_session(sid)
     tokens = [e.token_id for e in asyncio.run(_events(a, sid)) if isinstance(e, TokenEvent)]
     assert len(tokens) == SHORT["max_new_tokens"]
     assert a.flush_store(5)
-    latest = a._writer.store.get(sid, now=0)
+    latest = stored(a, sid)
     assert latest.version > newest.version and latest.position > newest.position
 
 
-async def _events(engine, sid):
+async def _events(engine: Engine, sid: str) -> list[Event]:
     return [e async for e in engine.generate(sid, [4], SHORT)]

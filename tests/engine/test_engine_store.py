@@ -4,12 +4,17 @@ sessions rebuilt from their records by another engine, ownership, and a store ou
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
-from sinkserve.engine.store import RedisStore, SQLiteStore
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.store import RedisStore, SessionStore, SQLiteStore
+from sinkserve.engine.tokenizer import Tokenizer
 from sinkserve.engine.types import (
+    Event,
     FinishReason,
     SamplingParams,
     StoreUnreachable,
@@ -18,22 +23,28 @@ from sinkserve.engine.types import (
     UnknownSession,
 )
 from sinkserve.redis_server import RedisServer
-from tests.engine.helpers import RecordingEngine, tiny_model
+from tests.engine.helpers import RecordingEngine, TinyModel, tiny_model
 from tests.waits import wait_until
 
 GREEDY = {"max_new_tokens": 12, "ignore_eos": True}
 
 
+class MakeStoreEngine(Protocol):
+    """The `make` fixture: `make(store, **EngineConfig)` builds a started engine."""
+
+    def __call__(self, store: SessionStore | None, **config: object) -> Engine: ...
+
+
 @pytest.fixture(scope="module")
-def model(tokenizer):
+def model(tokenizer: Tokenizer) -> TinyModel:
     return tiny_model(tokenizer.vocab_size, seed=7)
 
 
 @pytest.fixture
-def make(tokenizer, model):
-    engines = []
+def make(tokenizer: Tokenizer, model: TinyModel) -> Iterator[MakeStoreEngine]:
+    engines: list[Engine] = []
 
-    def build(store, **config):
+    def build(store: SessionStore | None, **config: Any) -> Engine:
         rec = RecordingEngine(tokenizer, model[1], model[0], store=store, **config)
         rec.engine.start()
         engines.append(rec.engine)
@@ -44,8 +55,10 @@ def make(tokenizer, model):
         e.shutdown()
 
 
-def turn(engine, sid, prompt, owner=None, **params):
-    async def run():
+def turn(
+    engine: Engine, sid: str, prompt: Sequence[int], owner: str | None = None, **params: Any
+) -> tuple[list[int], TurnEnd]:
+    async def run() -> list[Event]:
         return [e async for e in engine.generate(sid, prompt, params or GREEDY, owner=owner)]
 
     events = asyncio.run(run())
@@ -54,7 +67,9 @@ def turn(engine, sid, prompt, owner=None, **params):
     return [e.token_id for e in events if isinstance(e, TokenEvent)], end
 
 
-def test_the_record_is_written_at_open_and_after_every_turn(make, tmp_path: Path):
+def test_the_record_is_written_at_open_and_after_every_turn(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     engine = make(store)
     sid = engine.open_session(system="be brief", owner="alice", sampling={"temperature": 0.0})
@@ -73,8 +88,8 @@ def test_the_record_is_written_at_open_and_after_every_turn(make, tmp_path: Path
 
 
 def test_another_engine_rebuilds_a_session_from_its_record_with_the_same_greedy_tokens(
-    make, tmp_path: Path
-):
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     """No evictions yet: the rebuilt cache is the same computation as the original."""
     store = SQLiteStore(tmp_path / "s.db")
     a, ref = make(store, sinks=4, window=64), make(None, sinks=4, window=64)
@@ -89,7 +104,9 @@ def test_another_engine_rebuilds_a_session_from_its_record_with_the_same_greedy_
     assert rebuilt == stayed and end.usage == ref_end.usage
 
 
-def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(make, tmp_path):
+def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     a = make(store, sinks=2, window=16)
     sid = a.open_session(owner="bob")
@@ -103,7 +120,9 @@ def test_a_rebuilt_session_past_its_window_carries_on_from_its_position(make, tm
     assert end.usage.cached_tokens == 18
 
 
-def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make, tmp_path):
+def test_ownership_and_listing_hold_for_sessions_only_in_the_store(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     a = make(store)
     mine = [a.open_session(owner="alice") for _ in range(2)]
@@ -119,7 +138,9 @@ def test_ownership_and_listing_hold_for_sessions_only_in_the_store(make, tmp_pat
     assert b.get_session(mine[0], owner="alice").owner == "alice"
 
 
-def test_ending_or_expiring_a_session_deletes_its_record(make, tmp_path):
+def test_ending_or_expiring_a_session_deletes_its_record(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     store = SQLiteStore(tmp_path / "s.db")
     clock = [1000.0]
     engine = make(store, session_ttl_s=60)
@@ -136,7 +157,9 @@ def test_ending_or_expiring_a_session_deletes_its_record(make, tmp_path):
         engine.get_session(idle)
 
 
-def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(make, tmp_path):
+def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     engine = make(SQLiteStore(tmp_path / "s.db"), max_sessions=1, max_host_sessions=1)
     first = engine.open_session()
     turn(engine, first, [5, 9])
@@ -149,8 +172,8 @@ def test_with_a_store_idle_sessions_leave_memory_and_come_back_when_asked_for(ma
 
 
 def test_turns_go_on_while_redis_is_down_and_the_records_follow_once_it_is_back(
-    make, redis_server: RedisServer
-):
+    make: MakeStoreEngine, redis_server: RedisServer
+) -> None:
     engine = make(RedisStore(redis_server.url))
     sid = engine.open_session(owner="alice")
     turn(engine, sid, [5, 9, 13])
@@ -168,14 +191,16 @@ def test_turns_go_on_while_redis_is_down_and_the_records_follow_once_it_is_back(
     assert record is not None and record.position == end.usage.position
 
 
-def test_whole_sampling_params_still_skip_the_session_defaults(make, tmp_path):
+def test_whole_sampling_params_still_skip_the_session_defaults(
+    make: MakeStoreEngine, tmp_path: Path
+) -> None:
     engine = make(SQLiteStore(tmp_path / "s.db"))
     sid = engine.open_session(sampling={"max_new_tokens": 2})
     events = asyncio.run(_events(engine, sid, SamplingParams(max_new_tokens=5, ignore_eos=True)))
     assert sum(isinstance(e, TokenEvent) for e in events) == 5
-    _, end = turn(engine, sid, [4], **{"ignore_eos": True})
+    _, end = turn(engine, sid, [4], ignore_eos=True)
     assert end.usage.generated_tokens == 2  # the session's default
 
 
-async def _events(engine, sid, params):
+async def _events(engine: Engine, sid: str, params: SamplingParams) -> list[Event]:
     return [e async for e in engine.generate(sid, [5, 6], params)]

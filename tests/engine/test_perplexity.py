@@ -22,8 +22,7 @@ from sinkserve.engine.model import Llama
 from sinkserve.engine.perplexity import PplResult, cache_shape, read_text, streaming_nll
 from sinkserve.engine.runner import TorchRunner
 from sinkserve.engine.types import Event, SamplingParams, TurnEnd
-from sinkserve.engine.weights import ModelConfig
-from tests.engine.helpers import RecordingEngine, synthetic_tokenizer, tiny_model
+from tests.engine.helpers import RecordingEngine, TinyModel, synthetic_tokenizer, tiny_model
 
 TEXT = Path(__file__).resolve().parents[2] / ".cache" / "kjv-psalms.txt"
 CHUNK = 256  # tokens per step; per-token logits equal token-by-token feeding (tested below)
@@ -42,7 +41,9 @@ def evaluate(model: Llama, tokens: list[int], mode: str, n: int, chunk: int = CH
     return streaming_nll(runner, tokens[: n + 1], chunk=chunk)
 
 
-def test_chunked_evaluation_scores_every_token_as_token_by_token_feeding(model_and_tokens):
+def test_chunked_evaluation_scores_every_token_as_token_by_token_feeding(
+    model_and_tokens: tuple[Llama, list[int]],
+) -> None:
     model, tokens = model_and_tokens
     runner = TorchRunner(EngineConfig(sinks=4, window=40, max_sessions=1), model)
     one = streaming_nll(runner, tokens[:161], chunk=1).nll
@@ -51,14 +52,16 @@ def test_chunked_evaluation_scores_every_token_as_token_by_token_feeding(model_a
 
 
 @pytest.fixture(scope="module")
-def sinks_20k(model_and_tokens) -> PplResult:
+def sinks_20k(model_and_tokens: tuple[Llama, list[int]]) -> PplResult:
     """One 20,000-token sinks run; its first 8,000 scores are those of an 8,000-token run."""
     model, tokens = model_and_tokens
     return evaluate(model, tokens, "sinks", 20_000)
 
 
 @pytest.mark.timeout(1800)
-def test_sinks_stay_close_to_dense_and_window_attention_does_not(model_and_tokens, sinks_20k):
+def test_sinks_stay_close_to_dense_and_window_attention_does_not(
+    model_and_tokens: tuple[Llama, list[int]], sinks_20k: PplResult
+) -> None:
     model, tokens = model_and_tokens
     dense = evaluate(model, tokens, "dense", 8000).ppl()
     sinks = sinks_20k.ppl(0, 8000)
@@ -69,7 +72,9 @@ def test_sinks_stay_close_to_dense_and_window_attention_does_not(model_and_token
 
 
 @pytest.mark.timeout(1800)
-def test_past_the_training_context_sinks_keep_perplexity_flat_with_flat_memory(sinks_20k):
+def test_past_the_training_context_sinks_keep_perplexity_flat_with_flat_memory(
+    sinks_20k: PplResult,
+) -> None:
     result = sinks_20k
     inside, past = result.ppl(1024, 8192), result.ppl(8192)
     print(f"sinks ppl tokens 1,024-8,192: {inside:.3f}; after 8,192: {past:.3f}")
@@ -83,11 +88,11 @@ VOCAB, SINKS, WINDOW = 64, 4, 40
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[ModelConfig, dict]:
+def tiny() -> TinyModel:
     return tiny_model(VOCAB, seed=3)
 
 
-def tiny_runner(tiny: tuple[ModelConfig, dict]) -> TorchRunner:
+def tiny_runner(tiny: TinyModel) -> TorchRunner:
     cfg, tensors = tiny
     model = Llama(cfg, tensors, torch.float32, torch.device("cpu"))
     return TorchRunner(EngineConfig(sinks=SINKS, window=WINDOW, max_sessions=1), model)
@@ -98,7 +103,7 @@ def random_ids(n: int) -> list[int]:
 
 
 def engine_scores_after_rebuild(
-    tiny: tuple[ModelConfig, dict], ids: list[int], at: int, lengths: tuple[int, ...]
+    tiny: TinyModel, ids: list[int], at: int, lengths: tuple[int, ...]
 ) -> dict[int, float]:
     """-log p(ids[at + k]) for each k in `lengths`, from the engine: a session that was
     sent ids[:at], exported without its KV and imported back (so rebuilt from its ids),
@@ -143,7 +148,9 @@ def engine_scores_after_rebuild(
         engine.shutdown()
 
 
-def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(tiny):
+def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(
+    tiny: TinyModel,
+) -> None:
     runner = tiny_runner(tiny)
     ids = random_ids(SINKS + WINDOW + 1)  # the last score sees a full cache; none evicted
     plain = streaming_nll(runner, ids, chunk=8).nll
@@ -151,7 +158,9 @@ def test_a_rebuild_before_anything_was_evicted_leaves_every_score_unchanged(tiny
     torch.testing.assert_close(rebuilt, plain, rtol=0, atol=1e-5)
 
 
-def test_after_evictions_a_rebuild_changes_scores_only_from_its_point_as_the_engine_does(tiny):
+def test_after_evictions_a_rebuild_changes_scores_only_from_its_point_as_the_engine_does(
+    tiny: TinyModel,
+) -> None:
     at = 96  # 52 ids were evicted by then; the window rolls past the rebuilt keys by 136
     ids = random_ids(161)
     runner = tiny_runner(tiny)

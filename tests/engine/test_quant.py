@@ -4,6 +4,7 @@ to the float32 one on real text (logits argmax and perplexity), decode and prefi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,13 @@ from sinkserve.engine.perplexity import read_text
 from sinkserve.engine.quant import AMX_DENSE, PLAIN_DENSE, DenseCopy, linear, quantize_int4
 from sinkserve.engine.runner import TorchRunner
 from sinkserve.engine.scheduler import StepItem
+from sinkserve.engine.tokenizer import Tokenizer
 from sinkserve.engine.weights import default_model_path, load_checkpoint
 
 TEXT = Path(__file__).resolve().parents[2] / ".cache" / "kjv-psalms.txt"  # make testdata
 
 
-def test_int4_matmul_matches_a_q4_1_shaped_weight_up_to_bfloat16_rounding():
+def test_int4_matmul_matches_a_q4_1_shaped_weight_up_to_bfloat16_rounding() -> None:
     g = torch.Generator().manual_seed(0)
     n, k = 64, 128
     q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
@@ -40,7 +42,7 @@ def test_int4_matmul_matches_a_q4_1_shaped_weight_up_to_bfloat16_rounding():
 )
 def test_int4_linear_equals_the_dequantized_weight_on_both_sides_of_the_dense_switch(
     dense: DenseCopy, rows: int
-):
+) -> None:
     """Below `dense.rows` rows the int4 kernel runs, from there on the dense copy (bfloat16
     or float32, whichever the CPU gets; both run anywhere): both must compute x @ W.T for
     W = the per-group (code - 8) * scale + zero, which the test rebuilds from the weight
@@ -67,7 +69,7 @@ def test_int4_linear_equals_the_dequantized_weight_on_both_sides_of_the_dense_sw
     assert err <= 0.02 * want.abs().max().item(), err
 
 
-def test_int4_needs_bfloat16_on_cpu():
+def test_int4_needs_bfloat16_on_cpu() -> None:
     with pytest.raises(ConfigError, match="quant"):
         EngineConfig(quant="int4", dtype="float32")
     with pytest.raises(ConfigError, match="quant"):
@@ -94,7 +96,7 @@ def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
 
 
 @pytest.fixture
-def one_thread():
+def one_thread() -> Iterator[None]:
     """Two intra-op threads crawl when the machine's two cores are busy (CI, shared
     boxes): this comparison runs single-threaded."""
     before = torch.get_num_threads()
@@ -103,7 +105,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_int4_engine_stays_close_to_float32_past_the_window(tokenizer, one_thread):
+def test_int4_engine_stays_close_to_float32_past_the_window(
+    tokenizer: Tokenizer, one_thread: None
+) -> None:
     assert TEXT.exists(), f"{TEXT} is missing: run `make testdata`"
     cfg, tensors = load_checkpoint(default_model_path())
     tokens = tokenizer.encode(read_text(TEXT))[2000:2160]

@@ -5,15 +5,19 @@ that held a penalized row, and so every turn batched with it)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from sinkserve.engine.types import FinishReason, SamplingParams, TokenEvent, TurnEnd
+from sinkserve.engine.engine import Engine
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.types import Event, FinishReason, SamplingParams, TokenEvent, TurnEnd
 from tests.engine.helpers import RecordingEngine, tiny_model
 
 
 @pytest.fixture(scope="module")
-def engine(tokenizer):
+def engine(tokenizer: Tokenizer) -> Iterator[Engine]:
     cfg, tensors = tiny_model(tokenizer.vocab_size, seed=3)
     rec = RecordingEngine(tokenizer, tensors, cfg, sinks=2, window=32)
     rec.runner.logits_hook = None  # the hook would only see the logits, never change them
@@ -22,23 +26,25 @@ def engine(tokenizer):
     rec.engine.shutdown()
 
 
-def turn(engine, sid: str, **params) -> list:
-    async def run() -> list:
+def turn(engine: Engine, sid: str, **params: Any) -> list[Event]:
+    async def run() -> list[Event]:
         return [e async for e in engine.generate(sid, [5, 6, 7, 5], SamplingParams(**params))]
 
     return asyncio.run(run())
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_penalized_turn_ends_by_length_beside_a_plain_one(engine, temperature):
-    async def both() -> tuple[list, list]:
+def test_a_penalized_turn_ends_by_length_beside_a_plain_one(
+    engine: Engine, temperature: float
+) -> None:
+    async def both() -> tuple[list[Event], list[Event]]:
         a, b = engine.open_session(), engine.open_session()
         penalized = SamplingParams(
             max_new_tokens=6, repetition_penalty=1.3, temperature=temperature, ignore_eos=True
         )
         plain = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
-        async def collect(sid: str, params: SamplingParams) -> list:
+        async def collect(sid: str, params: SamplingParams) -> list[Event]:
             return [e async for e in engine.generate(sid, [5, 6, 7, 5], params)]
 
         return await asyncio.gather(collect(a, penalized), collect(b, plain))
@@ -49,7 +55,7 @@ def test_a_penalized_turn_ends_by_length_beside_a_plain_one(engine, temperature)
         assert sum(isinstance(e, TokenEvent) for e in events) == 6
 
 
-def test_a_strong_penalty_never_repeats_a_token(engine):
+def test_a_strong_penalty_never_repeats_a_token(engine: Engine) -> None:
     strong = turn(
         engine, engine.open_session(), max_new_tokens=8, repetition_penalty=10.0, ignore_eos=True
     )

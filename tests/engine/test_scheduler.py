@@ -12,15 +12,25 @@ from sinkserve.engine.slots import SlotManager
 from sinkserve.engine.stops import StopMatcher
 from sinkserve.engine.types import SamplingParams
 
+# The scheduler alone: its turns and sessions hold nothing of an engine.
+BareScheduler = Scheduler[None, None, None]
+BareSession = Session[None, None, None]
 
-def make_turn(sched: Scheduler, session: Session, n: int, now: float = 0.0) -> Turn:
+
+def new_session(session_id: str, sinks: int, window: int, last_used: float) -> BareSession:
+    return Session(session_id, sinks, window, last_used)
+
+
+def make_turn(
+    sched: BareScheduler, session: BareSession, n: int, now: float = 0.0
+) -> Turn[None, None, None]:
     turn = Turn(sched.next_turn_id(), session, SamplingParams(), list(range(n)), now, print)
     session.turn = turn
     sched.add(turn)
     return turn
 
 
-def test_the_scheduler_and_slot_manager_import_no_torch():
+def test_the_scheduler_and_slot_manager_import_no_torch() -> None:
     code = (
         "import sys, sinkserve.engine.scheduler, sinkserve.engine.slots; "
         "print('torch' in sys.modules)"
@@ -29,7 +39,7 @@ def test_the_scheduler_and_slot_manager_import_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_the_lowest_free_slot_is_allocated_first_and_freed_slots_return():
+def test_the_lowest_free_slot_is_allocated_first_and_freed_slots_return() -> None:
     slots = SlotManager(3)
     assert [slots.allocate() for _ in range(3)] == [0, 1, 2]
     assert not slots.can_allocate()
@@ -42,9 +52,9 @@ def test_the_lowest_free_slot_is_allocated_first_and_freed_slots_return():
         slots.free(2)  # twice
 
 
-def test_a_step_batches_decodes_with_prefill_chunks_under_the_budget():
-    sched = Scheduler(num_slots=4, step_token_budget=10, slot_wait_s=1.0)
-    a, b = Session("a", 4, 8, 0.0), Session("b", 4, 8, 0.0)
+def test_a_step_batches_decodes_with_prefill_chunks_under_the_budget() -> None:
+    sched: BareScheduler = Scheduler(num_slots=4, step_token_budget=10, slot_wait_s=1.0)
+    a, b = new_session("a", 4, 8, 0.0), new_session("b", 4, 8, 0.0)
     ta, tb = make_turn(sched, a, 3), make_turn(sched, b, 25)
     plan = sched.schedule(0.0, [a, b])
     assert [len(i.tokens) for i in plan.items] == [3, 7]
@@ -58,9 +68,9 @@ def test_a_step_batches_decodes_with_prefill_chunks_under_the_budget():
     assert a.position == 4 and b.position == 16 and tb.fed == 16
 
 
-def test_prefill_keeps_moving_when_decodes_fill_the_budget():
-    sched = Scheduler(num_slots=16, step_token_budget=8, slot_wait_s=1.0)
-    sessions = [Session(str(i), 0, 8, 0.0) for i in range(10)]
+def test_prefill_keeps_moving_when_decodes_fill_the_budget() -> None:
+    sched: BareScheduler = Scheduler(num_slots=16, step_token_budget=8, slot_wait_s=1.0)
+    sessions = [new_session(str(i), 0, 8, 0.0) for i in range(10)]
     for s in sessions[:9]:
         make_turn(sched, s, 1)
     for _ in range(2):  # 9 one-token prompts take two steps of budget 8
@@ -74,9 +84,9 @@ def test_prefill_keeps_moving_when_decodes_fill_the_budget():
     assert [len(i.tokens) for i in plan.items if not i.want_logits] == [2]
 
 
-def test_the_least_recently_used_idle_session_is_swapped_out_for_a_new_turn():
-    sched = Scheduler(num_slots=2, step_token_budget=64, slot_wait_s=1.0)
-    a, b, c = (Session(x, 4, 8, t) for x, t in (("a", 5.0), ("b", 1.0), ("c", 9.0)))
+def test_the_least_recently_used_idle_session_is_swapped_out_for_a_new_turn() -> None:
+    sched: BareScheduler = Scheduler(num_slots=2, step_token_budget=64, slot_wait_s=1.0)
+    a, b, c = (new_session(x, 4, 8, t) for x, t in (("a", 5.0), ("b", 1.0), ("c", 9.0)))
     for s in (a, b):
         t = make_turn(sched, s, 2)
         sched.advance(sched.schedule(0.0, [a, b, c]))
@@ -86,16 +96,16 @@ def test_the_least_recently_used_idle_session_is_swapped_out_for_a_new_turn():
     assert plan.swap_out == [(b, 1)] and c.slot == 1 and b.slot is None
 
 
-def test_a_turn_that_finds_every_slot_busy_times_out_after_the_wait():
-    sched = Scheduler(num_slots=1, step_token_budget=64, slot_wait_s=2.0)
-    a, b = Session("a", 4, 8, 0.0), Session("b", 4, 8, 0.0)
+def test_a_turn_that_finds_every_slot_busy_times_out_after_the_wait() -> None:
+    sched: BareScheduler = Scheduler(num_slots=1, step_token_budget=64, slot_wait_s=2.0)
+    a, b = new_session("a", 4, 8, 0.0), new_session("b", 4, 8, 0.0)
     make_turn(sched, a, 2)
     tb = make_turn(sched, b, 2, now=0.0)
     assert sched.schedule(1.0, [a, b]).timed_out == []
     assert sched.schedule(2.5, [a, b]).timed_out == [tb]
 
 
-def test_stop_strings_split_across_tokens_are_caught_and_never_shown():
+def test_stop_strings_split_across_tokens_are_caught_and_never_shown() -> None:
     m = StopMatcher(("</end>",))
     assert m.push("hello </") == ("hello ", False)
     assert m.push("en") == ("", False)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -70,7 +71,7 @@ def test_a_record_survives_a_json_round_trip() -> None:
 
 
 def test_a_record_copies_what_it_is_given() -> None:
-    sampling = {"temperature": 0.5, "stop": ["a"]}
+    sampling: dict[str, Any] = {"temperature": 0.5, "stop": ["a"]}
     ids = [5, 6]
     rec = SessionRecord(
         session_id="s",

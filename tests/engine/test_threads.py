@@ -6,20 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 
+import pytest
 import torch
 
 import sinkserve.engine.loader as loader
 from sinkserve.config import EngineConfig
 from sinkserve.engine.engine import Engine
-from sinkserve.engine.types import SamplingParams
+from sinkserve.engine.runner import TorchRunner
+from sinkserve.engine.sampler import SampleRow
+from sinkserve.engine.tokenizer import Tokenizer
+from sinkserve.engine.types import Event, SamplingParams
 
 
-def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monkeypatch):
+def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: dict[str, object] = {}
     build = loader.build_runner
 
-    def spy(config: EngineConfig):
+    def spy(config: EngineConfig) -> tuple[TorchRunner, Tokenizer]:
         seen["loading"] = torch.get_num_threads()
         return build(config)
 
@@ -30,7 +37,7 @@ def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monk
     assert seen["loading"] == 1
     assert torch.get_num_threads() == before, "the caller's setting is restored"
 
-    def hook(rows, logits) -> None:
+    def hook(rows: Sequence[SampleRow], logits: torch.Tensor) -> None:
         seen.setdefault("step", (threading.current_thread().name, torch.get_num_threads()))
 
     engine.runner.logits_hook = hook  # type: ignore[attr-defined]
@@ -38,7 +45,7 @@ def test_loading_runs_single_threaded_and_steps_take_the_configured_threads(monk
     try:
         sid = engine.open_session()
 
-        async def turn() -> list:
+        async def turn() -> list[Event]:
             params = SamplingParams(max_new_tokens=2, ignore_eos=True)
             return [e async for e in engine.generate(sid, "Hello", params)]
 

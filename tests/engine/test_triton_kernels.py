@@ -22,13 +22,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, window, inv_freq):
+def naive_decode(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kpos: torch.Tensor,
+    nh: int,
+    sinks: int,
+    window: int,
+    inv_freq: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row and head: softmax over visible cache keys (sinks scored with the query at
     its cache position, window keys at its absolute position) plus the row's own key."""
     nkv, hd = k_cache.shape[1], k_cache.shape[3]
     g = nh // nkv
     out = torch.empty(len(slots), nh, hd)
-    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+    q, k, v = torch.split(qkv, [nh * hd, nkv * hd, nkv * hd], dim=-1)
     cp, sp = cos_sin(positions, inv_freq, torch.float32)
     cc, sc = cos_sin(positions.clamp(max=sinks + window), inv_freq, torch.float32)
     q_abs = rotate(q.view(-1, nh, hd), cp, sp)
@@ -38,7 +49,8 @@ def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, windo
     for b, (slot, t) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
         for head in range(nh):
             kvh = head // g
-            scores, values = [], []
+            scores: list[torch.Tensor] = []
+            values: list[torch.Tensor] = []
             for c, p in enumerate(kpos[slot].tolist()):
                 if 0 <= p < t and (p < sinks or p >= t - window):
                     qv = q_sink[b, head] if c < sinks else q_abs[b, head]
@@ -54,7 +66,9 @@ def naive_decode(qkv, positions, slots, k_cache, v_cache, kpos, nh, sinks, windo
 @pytest.mark.parametrize(
     ("splits", "nkv", "dot"), [(1, 2, True), (3, 2, True), (3, 4, True), (3, 4, False)]
 )
-def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv, dot):
+def test_decode_attention_matches_a_naive_softmax_over_visible_keys(
+    splits: int, nkv: int, dot: bool
+) -> None:
     g = torch.Generator().manual_seed(0)
     nh, hd, sinks, window, num_slots = 4, 32, 3, 40, 5
     c = sinks + window
@@ -97,7 +111,7 @@ def test_decode_attention_matches_a_naive_softmax_over_visible_keys(splits, nkv,
     assert torch.equal(k_cache, k_before), "only the rows' own ring indexes are written"
 
 
-def test_add_rms_norm_updates_the_residual_and_normalizes_it():
+def test_add_rms_norm_updates_the_residual_and_normalizes_it() -> None:
     g = torch.Generator().manual_seed(1)
     x, delta, w = torch.randn(3, 48, generator=g), torch.randn(3, 48, generator=g), torch.rand(48)
     want_x = x + delta
@@ -107,14 +121,14 @@ def test_add_rms_norm_updates_the_residual_and_normalizes_it():
     assert torch.allclose(add_rms_norm(x.clone(), None, w, 1e-5), want, atol=TOL)
 
 
-def test_silu_mul_gates_the_up_projection():
+def test_silu_mul_gates_the_up_projection() -> None:
     gu = torch.randn(2, 2 * 1500, generator=torch.Generator().manual_seed(2))
     gate, up = gu.chunk(2, dim=-1)
     assert torch.allclose(silu_mul(gu), torch.nn.functional.silu(gate) * up, atol=TOL)
 
 
 @pytest.mark.parametrize("silu", [False, True])
-def test_gemv_equals_a_matrix_product_with_ragged_edges(silu):
+def test_gemv_equals_a_matrix_product_with_ragged_edges(silu: bool) -> None:
     g = torch.Generator().manual_seed(3)
     n, k = 37, 300  # neither a multiple of the blocks
     w = torch.randn(n, k, generator=g)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,10 +12,10 @@ from gguf.quants import dequantize
 from safetensors.torch import save_file
 
 from sinkserve.engine.gguf_file import open_gguf
+from sinkserve.engine.rope import RopeScaling
 from sinkserve.engine.tokenizer import Tokenizer
 from sinkserve.engine.weights import (
     ModelConfig,
-    RopeScaling,
     Weights,
     default_model_path,
     gguf_sampling,
@@ -23,7 +24,7 @@ from sinkserve.engine.weights import (
     unpermute_gguf_qk,
 )
 
-TINY = {
+TINY: dict[str, Any] = {  # a config.json: ints, and two floats
     "vocab_size": 64,
     "hidden_size": 32,
     "intermediate_size": 48,
@@ -71,7 +72,7 @@ def hf_tensors(*, qkv_bias: bool, tied: bool, seed: int = 0) -> dict[str, torch.
 
 
 # The sampling both test checkpoints recommend (GGUF metadata, generation_config.json).
-RECOMMENDED = {"temperature": 0.6, "top_k": 20}
+RECOMMENDED: dict[str, Any] = {"temperature": 0.6, "top_k": 20}  # generation_config.json
 
 
 def write_hf_dir(path: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> Path:

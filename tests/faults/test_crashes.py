@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ import pytest
 
 from sinkserve.client import ChatClient, sampling
 from sinkserve.cluster import Replica, descendant, running
+from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from sinkserve.triton_server.launcher import free_port
 from tests.faults.stack import gateway, stack, wait_health
 
@@ -45,17 +46,22 @@ async def alice(serve: Replica) -> AsyncIterator[ChatClient]:
         yield client
 
 
-async def ask(client: ChatClient, session_id: str | None, texts: list[str]) -> tuple[str, list]:
+async def ask(
+    client: ChatClient, session_id: str | None, texts: list[str]
+) -> tuple[str, list[tuple[list[int], pb.TurnEnd]]]:
     """Turns on a stream of a new or resumed session: (session id, [(token ids, TurnEnd)])."""
     async with client.conversation(session_id, defaults=GREEDY) as chat:
         out = []
         for text in texts:
             ids = [i async for d in chat.send(text) for i in d.token_ids]
+            assert chat.last_turn is not None
             out.append((ids, chat.last_turn))
         return chat.session_id, out
 
 
-async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, str, float, float]:
+async def cut_by(
+    kill: Callable[[], object], client: ChatClient, sid: str
+) -> tuple[grpc.StatusCode, str, float, float]:
     """Start a long turn on the session, kill once its first delta arrived; the turn's
     status, details, the seconds from the kill to the stream's end, and the kill's time."""
     chat = client.conversation(sid, defaults=GREEDY)
@@ -74,7 +80,7 @@ async def cut_by(kill, client: ChatClient, sid: str) -> tuple[grpc.StatusCode, s
         chat.drop()
 
 
-async def crash_mid_turn(serve: Replica, alice: ChatClient, kill) -> float:
+async def crash_mid_turn(serve: Replica, alice: ChatClient, kill: Callable[[], object]) -> float:
     """The acceptance of a crash below the gateway; returns the recovery seconds."""
     _, reference = await ask(alice, None, QUESTIONS)
     sid, first = await ask(alice, None, QUESTIONS[:1])

@@ -74,7 +74,7 @@ def _certificate(
     extensions: list[x509.ExtensionType],
 ) -> x509.Certificate:
     """A certificate of `key` for `subject`, signed by `issuer` (None: self-signed CA)."""
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)  # datetime.UTC is new in 3.11
     issuer_name, issuer_key = issuer or (_name(subject), key)
     builder = (
         x509.CertificateBuilder()

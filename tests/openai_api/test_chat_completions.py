@@ -7,10 +7,11 @@ from __future__ import annotations
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.openai_api.conftest import MODEL
 
-HISTORY = [
+HISTORY: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris."},
@@ -66,17 +67,17 @@ async def test_a_session_id_continues_a_server_held_session_with_its_last_messag
     conversation = await client.conversations.create()
     prompts = []
     for how in ("body", "header"):
-        extra = (
-            {"extra_body": {"session_id": conversation.id}}
-            if how == "body"
-            else {"extra_headers": {"x-session-id": conversation.id.removeprefix("conv_")}}
-        )
+        # One of the two ways to name the session (the SDK leaves out what is None).
+        body = {"session_id": conversation.id} if how == "body" else None
+        header = conversation.id.removeprefix("conv_")
+        headers = {"x-session-id": header} if how == "header" else None
         completion = await client.chat.completions.create(
             model=MODEL,
             # the history a stateless client sends: only the last message is prefilled
             messages=[*HISTORY, {"role": "user", "content": "Thanks!"}],
             max_tokens=4,
-            **extra,  # type: ignore[arg-type]
+            extra_body=body,
+            extra_headers=headers,
         )
         assert completion.usage is not None
         prompts.append(completion.usage.prompt_tokens)

@@ -11,12 +11,13 @@ import aiohttp
 import openai
 import pytest
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from sinkserve.gateway.server import Gateway
 from tests.gateway.conftest import GatewayFactory, served
 from tests.openai_api.conftest import MODEL, base_url, sdk
 
-USER = [{"role": "user", "content": "Hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 async def status_of(call: Awaitable[Any]) -> tuple[int, dict[str, Any]]:

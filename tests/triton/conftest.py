@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import np_to_triton_dtype
@@ -64,6 +65,7 @@ class Reply:
 
 
 def _tensor(name: str, value: Any) -> grpcclient.InferInput:
+    arr: npt.NDArray[np.generic]
     if isinstance(value, str):
         arr = np.array([value.encode()], dtype=np.object_)
     elif isinstance(value, list):

@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton_grpc
 from hypothesis import strategies as st
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -363,7 +364,7 @@ def tensor_cases(
 class Answer:
     """What came back for one request."""
 
-    responses: list[dict[str, np.ndarray]]  # outputs of each response
+    responses: list[dict[str, npt.NDArray[np.generic]]]  # outputs of each response
     finals: int
     error: str | None
     status: str  # how the stream ended: "ok", or the gRPC code of a failed stream

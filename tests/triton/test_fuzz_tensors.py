@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from sinkserve.triton_server.launcher import TritonServer
-from tests.gateway.fuzz_requests import Tally, fuzz, scaled, shrink
-from tests.triton.fuzz_tensors import HIGH_STREAM, SETTLE_S, TensorFuzzer, tensor_cases
+from tests.gateway.fuzz_requests import SETTLE_S, Tally, fuzz, scaled, shrink
+from tests.triton.fuzz_tensors import HIGH_STREAM, TensorFuzzer, tensor_cases
 
 # Cases; SINKSERVE_FUZZ_SCALE (default 1) multiplies them (see tests/gateway/test_fuzz.py).
 EXAMPLES = 500

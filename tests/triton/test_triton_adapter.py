@@ -3,11 +3,14 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from sinkserve.engine.types import FinishReason, InvalidRequest, TokenEvent, TurnEnd, Usage
 from sinkserve.triton_server.adapter import (
     CancelWatcher,
+    GetInput,
+    Outputs,
     SendQueue,
     StreamPacer,
     TurnResponder,
@@ -17,8 +20,8 @@ from sinkserve.triton_server.adapter import (
 USAGE = Usage(prompt_tokens=5, generated_tokens=2, position=40, cached_tokens=40, evicted_tokens=0)
 
 
-def inputs(**values: object):
-    arrays = {}
+def inputs(**values: object) -> GetInput:
+    arrays: dict[str, npt.NDArray[np.generic]] = {}
     for name, value in values.items():
         if isinstance(value, str):
             arrays[name] = np.array([value.encode()], dtype=np.object_)
@@ -31,17 +34,25 @@ def inputs(**values: object):
 
 class Recorder:
     def __init__(self) -> None:
-        self.sent: list[tuple[dict | None, str | None, bool]] = []
+        self.sent: list[tuple[Outputs | None, str | None, bool]] = []
 
-    def __call__(self, outputs, error, final) -> None:
+    def __call__(self, outputs: Outputs | None, error: str | None, final: bool) -> None:
         self.sent.append((outputs, error, final))
 
 
-def text_of(outputs) -> str:
-    return outputs["text_output"][0].decode()
+def text_of(outputs: Outputs | None) -> str:
+    assert outputs is not None
+    text: str = outputs["text_output"][0].decode()
+    return text
 
 
-def test_a_minimal_request_is_a_streamed_turn_with_no_sampling_overrides():
+def ids_of(outputs: Outputs | None) -> list[int]:
+    assert outputs is not None
+    ids: list[int] = outputs["output_ids"].tolist()
+    return ids
+
+
+def test_a_minimal_request_is_a_streamed_turn_with_no_sampling_overrides() -> None:
     req = parse_request(inputs(text_input="hi", session_id="s"))
     assert (req.action, req.session_id, req.text, req.stream, req.raw) == (
         "turn",
@@ -53,7 +64,7 @@ def test_a_minimal_request_is_a_streamed_turn_with_no_sampling_overrides():
     assert req.sampling == {} and req.owner == ""
 
 
-def test_sampling_and_session_inputs_are_read():
+def test_sampling_and_session_inputs_are_read() -> None:
     req = parse_request(
         inputs(
             request_type="open",
@@ -87,12 +98,12 @@ def test_sampling_and_session_inputs_are_read():
         ({"request_type": "fly"}, "request_type='fly' must be one of"),
     ],
 )
-def test_bad_inputs_are_rejected_naming_the_input(values, named):
+def test_bad_inputs_are_rejected_naming_the_input(values: dict[str, object], named: str) -> None:
     with pytest.raises(InvalidRequest, match=named):
         parse_request(inputs(**values))
 
 
-def test_a_turn_may_send_its_whole_conversation_as_messages_instead_of_text():
+def test_a_turn_may_send_its_whole_conversation_as_messages_instead_of_text() -> None:
     history = '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]'
     req = parse_request(inputs(messages=history, session_id="s"))
     assert req.messages == (("system", "Be brief."), ("user", "Hi")) and req.text == ""
@@ -111,23 +122,24 @@ def test_a_turn_may_send_its_whole_conversation_as_messages_instead_of_text():
         ),
     ],
 )
-def test_malformed_messages_are_rejected(values, named):
+def test_malformed_messages_are_rejected(values: dict[str, object], named: str) -> None:
     with pytest.raises(InvalidRequest, match=named):
         parse_request(inputs(session_id="s", **values))
 
 
-def test_session_calls_need_no_text():
+def test_session_calls_need_no_text() -> None:
     assert parse_request(inputs(request_type="end", session_id="s")).action == "end"
     assert parse_request(inputs(request_type="list", owner="bob")).owner == "bob"
 
 
-def test_streamed_tokens_arrive_one_response_per_step_and_the_last_is_merged_with_usage():
+def test_streamed_tokens_arrive_one_response_per_step_and_the_last_is_merged_with_usage() -> None:
     rec = Recorder()
     responder = TurnResponder(rec, stream=True)
     responder.on_events([TokenEvent(1, "Hel", 0)])
     responder.on_events([TokenEvent(2, "lo", 1), TurnEnd(FinishReason.LENGTH, USAGE)])
     assert [final for _, _, final in rec.sent] == [False, True]
     first, last = rec.sent[0][0], rec.sent[1][0]
+    assert first is not None and last is not None
     assert text_of(first) == "Hel" and first["output_ids"].tolist() == [1]
     assert text_of(last) == "lo" and last["output_ids"].tolist() == [2]
     assert last["finish_reason"][0] == b"length"
@@ -143,7 +155,7 @@ class Clock:
         return self.t
 
 
-def test_with_a_response_budget_held_tokens_go_out_together_and_none_is_lost():
+def test_with_a_response_budget_held_tokens_go_out_together_and_none_is_lost() -> None:
     clock = Clock()
     pacer = StreamPacer(10.0, clock)  # 10 responses/s over 2 turns: one per 0.2 s each
     a_sent, b_sent = Recorder(), Recorder()
@@ -153,7 +165,7 @@ def test_with_a_response_budget_held_tokens_go_out_together_and_none_is_lost():
     for i, (t, text) in enumerate(steps):
         clock.t = t
         a.on_events([TokenEvent(i, text, i)])
-    assert [(text_of(o), o["output_ids"].tolist()) for o, _, _ in a_sent.sent] == [
+    assert [(text_of(o), ids_of(o)) for o, _, _ in a_sent.sent] == [
         ("x", [0]),  # the first delta is never held
         ("yzw", [1, 2, 3]),  # 0.25 s after the first
     ]
@@ -166,11 +178,11 @@ def test_with_a_response_budget_held_tokens_go_out_together_and_none_is_lost():
     texts = [(text_of(o), final) for o, _, final in a_sent.sent]
     assert texts[2:] == [("vu", False), ("!", True)]  # the FINAL is never held
     assert "".join(t for t, _ in texts) == "xyzwvu!"
-    assert [i for o, _, _ in a_sent.sent for i in o["output_ids"].tolist()] == list(range(7))
+    assert [i for o, _, _ in a_sent.sent for i in ids_of(o)] == list(range(7))
     assert pacer.interval_s() == 0.0  # both turns left
 
 
-def test_a_zero_budget_sends_every_steps_tokens():
+def test_a_zero_budget_sends_every_steps_tokens() -> None:
     clock, rec = Clock(), Recorder()
     responder = TurnResponder(rec, stream=True, pacer=StreamPacer(0.0, clock))
     for i in range(3):
@@ -178,7 +190,7 @@ def test_a_zero_budget_sends_every_steps_tokens():
     assert [text_of(o) for o, _, _ in rec.sent] == ["0", "1", "2"]
 
 
-def test_a_non_streamed_turn_is_one_final_response_with_the_whole_text():
+def test_a_non_streamed_turn_is_one_final_response_with_the_whole_text() -> None:
     rec = Recorder()
     responder = TurnResponder(rec, stream=False)
     responder.on_events([TokenEvent(1, "Hel", 0)])
@@ -187,10 +199,10 @@ def test_a_non_streamed_turn_is_one_final_response_with_the_whole_text():
     assert len(rec.sent) == 1
     outputs, error, final = rec.sent[0]
     assert final and error is None
-    assert text_of(outputs) == "Hello!" and outputs["output_ids"].tolist() == [1, 2]
+    assert text_of(outputs) == "Hello!" and ids_of(outputs) == [1, 2]
 
 
-def test_an_engine_error_ends_the_request_in_band_with_its_status_name():
+def test_an_engine_error_ends_the_request_in_band_with_its_status_name() -> None:
     rec = Recorder()
     responder = TurnResponder(rec, stream=True)
     responder.on_events(
@@ -199,7 +211,7 @@ def test_an_engine_error_ends_the_request_in_band_with_its_status_name():
     assert rec.sent == [(None, "RESOURCE_EXHAUSTED: no slot", True)]
 
 
-def test_nothing_is_sent_after_the_final_response():
+def test_nothing_is_sent_after_the_final_response() -> None:
     rec = Recorder()
     responder = TurnResponder(rec, stream=True)
     responder.fail("NOT_FOUND", "unknown session 'x'")
@@ -208,7 +220,7 @@ def test_nothing_is_sent_after_the_final_response():
     assert rec.sent == [(None, "NOT_FOUND: unknown session 'x'", True)]
 
 
-def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones():
+def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones() -> None:
     cancelled: list[int] = []
     watcher = CancelWatcher(cancelled.append, interval_s=3600)
     try:
@@ -230,10 +242,10 @@ def test_the_watcher_cancels_a_cancelled_request_once_and_forgets_finished_ones(
         assert not watcher._thread.is_alive()
 
 
-def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_request():
-    calls = []
+def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_request() -> None:
+    calls: list[bool] = []
 
-    def broken(outputs, error, final):
+    def broken(outputs: Outputs | None, error: str | None, final: bool) -> None:
         calls.append(final)
         raise RuntimeError("client went away")
 
@@ -244,10 +256,12 @@ def test_a_failing_send_never_raises_into_the_engine_thread_and_abandons_the_req
     assert responder.done.is_set() and calls == [False]
 
 
-def test_queued_sends_leave_in_order_from_another_thread_without_blocking_the_caller():
-    release, sent, threads = threading.Event(), [], set()
+def test_queued_sends_leave_in_order_from_another_thread_without_blocking_the_caller() -> None:
+    release = threading.Event()
+    sent: list[tuple[str, bool]] = []
+    threads: set[int] = set()
 
-    def slow(outputs, error, final):
+    def slow(outputs: Outputs | None, error: str | None, final: bool) -> None:
         release.wait(5)  # Triton's response IPC, stuck
         threads.add(threading.get_ident())
         sent.append((text_of(outputs), final))
@@ -264,10 +278,10 @@ def test_queued_sends_leave_in_order_from_another_thread_without_blocking_the_ca
     assert threads and threading.get_ident() not in threads
 
 
-def test_a_failing_queued_send_abandons_its_request_and_drops_its_later_responses():
+def test_a_failing_queued_send_abandons_its_request_and_drops_its_later_responses() -> None:
     calls: list[bool] = []
 
-    def broken(outputs, error, final):
+    def broken(outputs: Outputs | None, error: str | None, final: bool) -> None:
         calls.append(final)
         raise RuntimeError("client went away")
 

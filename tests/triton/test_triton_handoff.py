@@ -13,7 +13,7 @@ def snap(sid: str, kv: object = None) -> SessionSnapshot:
     return SessionSnapshot(sid, None, 3, [1], [2, 3], [], False, 1, kv=kv)  # type: ignore[arg-type]
 
 
-def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path: Path):
+def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path: Path) -> None:
     old = Handoff(tmp_path)
     new = Handoff(tmp_path)
     # A spy on the collector's looks at its predecessors: once it has seen the live one
@@ -43,7 +43,7 @@ def test_a_successor_takes_the_sessions_only_after_its_predecessor_left(tmp_path
     new.release()
 
 
-def test_a_successor_gives_up_waiting_after_the_timeout(tmp_path: Path):
+def test_a_successor_gives_up_waiting_after_the_timeout(tmp_path: Path) -> None:
     old = Handoff(tmp_path)
     new = Handoff(tmp_path)
     with pytest.raises(TimeoutError, match="draining"):
@@ -52,14 +52,14 @@ def test_a_successor_gives_up_waiting_after_the_timeout(tmp_path: Path):
     new.release()
 
 
-def test_sessions_left_by_an_unloaded_model_wait_for_the_next_load(tmp_path: Path):
+def test_sessions_left_by_an_unloaded_model_wait_for_the_next_load(tmp_path: Path) -> None:
     Handoff(tmp_path).leave("fp", [snap("a", kv="exact")])
     later = Handoff(tmp_path)
     assert later.collect("fp", timeout_s=1) == [snap("a", kv="exact")]
     later.release()
 
 
-def test_exact_kv_is_dropped_when_the_engine_differs(tmp_path: Path):
+def test_exact_kv_is_dropped_when_the_engine_differs(tmp_path: Path) -> None:
     Handoff(tmp_path).leave("old weights", [snap("a", kv="exact")])
     later = Handoff(tmp_path)
     assert later.collect("new weights", timeout_s=1) == [snap("a")]

@@ -4,10 +4,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from sinkserve.triton_server.launcher import find_installation, package_parent
 
 
-def test_a_tritonserver_in_path_is_preferred_with_its_own_backends(tmp_path: Path, monkeypatch):
+def test_a_tritonserver_in_path_is_preferred_with_its_own_backends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     binary = tmp_path / "tritonserver" / "bin" / "tritonserver"
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
@@ -20,8 +24,8 @@ def test_a_tritonserver_in_path_is_preferred_with_its_own_backends(tmp_path: Pat
 
 
 def test_the_wheels_server_gets_a_private_backend_dir_with_this_pythons_stub(
-    tmp_path: Path, monkeypatch
-):
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     install = find_installation(cache_dir=tmp_path)
     python = install.backend_dir / "python"

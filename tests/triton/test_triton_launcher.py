@@ -35,7 +35,9 @@ def model_repo(tmp_path: Path, **parameters: str) -> Path:
     return tmp_path
 
 
-def test_sinkserve_triton_prints_where_it_listens_and_stops_cleanly_on_sigint(tmp_path: Path):
+def test_sinkserve_triton_prints_where_it_listens_and_stops_cleanly_on_sigint(
+    tmp_path: Path,
+) -> None:
     ports = [str(free_port()) for _ in range(3)]
     repo = model_repo(tmp_path)
     proc = subprocess.Popen(
@@ -92,7 +94,9 @@ def test_sinkserve_triton_prints_where_it_listens_and_stops_cleanly_on_sigint(tm
         ({"dtype": "float16"}, "dtype"),
     ],
 )
-def test_a_bad_setting_fails_the_load_with_a_message_naming_it(tmp_path: Path, parameters, named):
+def test_a_bad_setting_fails_the_load_with_a_message_naming_it(
+    tmp_path: Path, parameters: dict[str, str], named: str
+) -> None:
     server = TritonServer(
         model_repository=model_repo(tmp_path, **parameters),
         log_path=tmp_path / "triton.log",

@@ -8,11 +8,15 @@ import re
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from conftest import MODEL, TEST_PARAMETERS, write_parameters
 
 from sinkserve.triton_server.launcher import TritonServer
 from tests.waits import wait_until
+
+if TYPE_CHECKING:  # pytest imports the conftest as `conftest`; mypy knows it by its path
+    from tests.triton.conftest import Client, Reply
 
 QUESTIONS = ["What is the capital of France?", "And of Germany?", "And of Italy?"]
 LONG = "Write a long story about a dragon who learns to cook."
@@ -43,7 +47,7 @@ def log_count(server: TritonServer, text: str) -> int:
     return server.log_path.read_text(errors="replace").count(text)
 
 
-async def conversation(client, sid: str, turns: list[str]) -> list:
+async def conversation(client: Client, sid: str, turns: list[str]) -> list[Reply]:
     replies = []
     await client.open(sid)
     for text in turns:
@@ -53,7 +57,9 @@ async def conversation(client, sid: str, turns: list[str]) -> list:
     return replies
 
 
-async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tokens(client):
+async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tokens(
+    client: Client,
+) -> None:
     replies = await conversation(client, "three", QUESTIONS)
     assert "Paris" in replies[0].text
     for reply in replies:
@@ -76,7 +82,7 @@ async def test_a_three_turn_session_streams_and_prefills_only_each_turns_own_tok
     assert three["cached_tokens"] <= 4 + 60 and three["evicted_tokens"] > 0
 
 
-async def test_two_sessions_streamed_at_once_interleave(client):
+async def test_two_sessions_streamed_at_once_interleave(client: Client) -> None:
     arrivals: list[tuple[str, bool]] = []
 
     async def stream(sid: str) -> None:
@@ -91,8 +97,10 @@ async def test_two_sessions_streamed_at_once_interleave(client):
     assert {sid for sid, _ in arrivals[:first_final]} == {"left", "right"}
 
 
-async def test_the_http_generate_stream_endpoint_streams_server_sent_events(client, triton):
-    def read(body: dict) -> list[dict]:
+async def test_the_http_generate_stream_endpoint_streams_server_sent_events(
+    client: Client, triton: TritonServer
+) -> None:
+    def read(body: dict[str, object]) -> list[dict[str, Any]]:
         request = urllib.request.Request(
             f"{triton.http_url}/v2/models/sinkserve/generate_stream",
             data=json.dumps(body).encode(),
@@ -114,9 +122,11 @@ async def test_the_http_generate_stream_endpoint_streams_server_sent_events(clie
     assert all("finish_reason" not in e for e in events[:-1])
 
 
-async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(client, triton):
+async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(
+    client: Client, triton: TritonServer
+) -> None:
     await client.open("bad")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"session_id": "nobody", "text": "Hi"}, "NOT_FOUND: no session 'nobody'"),
         ({"session_id": "bad", "text": ""}, "INVALID_ARGUMENT: text_input is required"),
         ({"session_id": "", "text": "Hi"}, "INVALID_ARGUMENT: session_id"),
@@ -153,7 +163,9 @@ async def test_each_bad_input_gets_a_clear_error_and_the_server_stays_ready(clie
     assert "Paris" in (await client.turn("bad", QUESTIONS[0], max_tokens=16)).text
 
 
-async def test_sinkserve_metrics_appear_on_the_metrics_port(client, triton):
+async def test_sinkserve_metrics_appear_on_the_metrics_port(
+    client: Client, triton: TritonServer
+) -> None:
     await conversation(client, "metrics", QUESTIONS[:1])
     assert wait_for_metric(triton, "sinkserve_generated_tokens_total", lambda v: v > 0)
     assert wait_for_metric(triton, "sinkserve_step_duration_seconds_count", lambda v: v > 0)
@@ -170,8 +182,8 @@ async def test_sinkserve_metrics_appear_on_the_metrics_port(client, triton):
 
 
 async def test_a_cancelled_stream_ends_its_turn_and_a_reload_right_after_finalizes_the_old_model(
-    client, triton
-):
+    client: Client, triton: TritonServer
+) -> None:
     await client.open("cancel")
     stream = client.stream(session_id="cancel", text_input=LONG, max_tokens=64)
     received = 0
@@ -198,7 +210,9 @@ async def test_a_cancelled_stream_ends_its_turn_and_a_reload_right_after_finaliz
     assert not reply.error and "Paris" in reply.text
 
 
-async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(client):
+async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_tokens(
+    client: Client,
+) -> None:
     baseline = await conversation(client, "no-reload", QUESTIONS)
     before = await conversation(client, "reloaded", QUESTIONS[:2])
     await client.open("in-flight")
@@ -221,8 +235,8 @@ async def test_a_reload_during_a_conversation_continues_it_with_the_same_greedy_
 
 
 async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_from_tokens(
-    client, triton
-):
+    client: Client, triton: TritonServer
+) -> None:
     first = (await conversation(client, "rebuilt", QUESTIONS[:2]))[-1]
     await client.grpc.unload_model(MODEL)
     config = Path(triton.model_repository) / MODEL / "config.pbtxt"
@@ -238,14 +252,18 @@ async def test_unload_drains_and_a_load_with_other_weights_rebuilds_sessions_fro
         await client.grpc.load_model(MODEL)
 
 
-async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(client):
+async def test_a_turn_with_stream_false_is_one_final_response_with_the_whole_reply(
+    client: Client,
+) -> None:
     await client.open("whole")
     reply = await client.turn("whole", QUESTIONS[0], max_tokens=16, stream=False)
     assert not reply.error and reply.responses == 1
     assert "Paris" in reply.text and reply.final["finish_reason"][0] == b"stop"
 
 
-async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_feeding(client):
+async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_feeding(
+    client: Client,
+) -> None:
     """A cut client's cancel may overtake its turn: the turn is refused when it arrives, and
     its prompt never reaches the session."""
     await client.open("tomb", owner=ME)
@@ -262,7 +280,7 @@ async def test_a_cancel_by_turn_id_that_comes_first_keeps_the_turn_from_ever_fee
     await client.call("end", "tomb", owner=ME)
 
 
-async def test_a_late_cancel_of_an_old_turn_leaves_the_running_turn_alone(client):
+async def test_a_late_cancel_of_an_old_turn_leaves_the_running_turn_alone(client: Client) -> None:
     await client.open("late", owner=ME)
     first = await client.turn("late", QUESTIONS[0], owner=ME, max_tokens=4, turn_id="old")
     assert not first.error

@@ -51,11 +51,12 @@ def extension() -> ModuleType:
     # Built for this CPU (-march=native): a cache directory shared with a CPU lacking some
     # instruction (a volume moved between nodes) must not hand it this build.
     features = ",".join(sorted(k for k, on in torch.cpu.get_capabilities().items() if on))
-    return cpp_extension.load(
+    module: ModuleType = cpp_extension.load(
         name=f"sinkserve_cpu_decode_{hashlib.sha1(features.encode()).hexdigest()[:10]}",
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
     )
+    return module
 
 
 def projections(layer: Layer) -> tuple[Weight, ...]:

@@ -300,7 +300,7 @@ class CudaGraphRunner(TorchRunner):
         host[: bucket.size].copy_(bucket.ids, non_blocking=True)
         done = None
         if host.is_pinned():
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record()
         return _IdsOut(host, done)
 
@@ -395,7 +395,7 @@ class CudaGraphRunner(TorchRunner):
         # written. Then capture.
         self.inputs[2] = self.scratch_slot
         self.inputs[:2] = 0
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             body()

@@ -108,6 +108,17 @@ class _TurnState:
     end_session: bool = False  # end_session() arrived while the turn ran
 
 
+# The scheduler's turns and sessions, holding what the engine keeps on them.
+_Turn = Turn[_TurnState, HostSlot, SessionRecord]
+_Session = Session[_TurnState, HostSlot, SessionRecord]
+
+
+def _state(turn: _Turn) -> _TurnState:
+    """A submitted turn's engine state (`submit` sets it as it makes the turn)."""
+    assert turn.state is not None
+    return turn.state
+
+
 class Engine:
     def __init__(
         self,
@@ -127,7 +138,9 @@ class Engine:
         self.chat = ChatFormat(tokenizer)
         self.log = structlog.get_logger("sinkserve.engine")
         self._clock = clock  # wall clock: TTLs and times outlive the process in records
-        self._sched = Scheduler(config.max_sessions, config.step_token_budget, config.slot_wait_s)
+        self._sched: Scheduler[_TurnState, HostSlot, SessionRecord] = Scheduler(
+            config.max_sessions, config.step_token_budget, config.slot_wait_s
+        )
         self._writer = (
             StoreWriter(store, clock=clock, on_refused=self._on_refused)
             if store is not None
@@ -138,8 +151,8 @@ class Engine:
         self._holder = f"{replica or socket.gethostname()}/{secrets.token_hex(4)}"
         # Every turn starts from these, then its session's defaults, then its own fields.
         self._defaults = default_sampling(config, recommended or {})
-        self._sessions: dict[str, Session] = {}
-        self._turns: dict[int, Turn] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._turns: dict[int, _Turn] = {}
         self._lock = threading.Lock()
         self._open_lock = threading.Lock()  # held across a store read: never under _lock
         self._wake = threading.Condition(self._lock)
@@ -258,7 +271,7 @@ class Engine:
         self.log.info("session opened", session_id=sid, owner=owner)
         return sid
 
-    def _new_session(self, sid: str, system: str | None) -> Session:
+    def _new_session(self, sid: str, system: str | None) -> _Session:
         c = self.config
         now = self._clock()
         return Session(sid, c.sinks, c.window, last_used=now, system=system, created_at=now)
@@ -274,7 +287,7 @@ class Engine:
             raise ResourceExhausted(f"too many sessions in memory ({limit})")
         self._forget(min(idle, key=lambda s: s.last_used))
 
-    def _forget(self, s: Session) -> None:
+    def _forget(self, s: _Session) -> None:
         """Drop a session from memory only (lock held): its record stays in the store."""
         del self._sessions[s.session_id]
         slot = self._sched.release(s)
@@ -298,7 +311,7 @@ class Engine:
         except StoreUnavailable as exc:
             raise StoreUnreachable(f"the session store is unreachable: {exc}") from None
 
-    def _session(self, session_id: str, owner: str | None) -> Session:
+    def _session(self, session_id: str, owner: str | None) -> _Session:
         """The session, from memory or rebuilt from its record; NOT_FOUND when unknown,
         and (in the same words) when `owner` is given and is not its owner: a caller
         learns nothing about the sessions of another."""
@@ -312,7 +325,7 @@ class Engine:
             raise _unknown(session_id)
         return s
 
-    def _load(self, session_id: str) -> Session:
+    def _load(self, session_id: str) -> _Session:
         """Bring a session back from its record: it is rebuilt from its tokens (at most
         sinks + window) on its next turn. Store I/O happens outside the lock."""
         unknown = _unknown(session_id)
@@ -330,7 +343,7 @@ class Engine:
         self.log.info("session loaded from the store", session_id=session_id, position=s.position)
         return s
 
-    def _from_record(self, r: SessionRecord) -> Session:
+    def _from_record(self, r: SessionRecord) -> _Session:
         s = self._new_session(r.session_id, r.system_prompt)
         s.owner, s.sampling, s.version = r.owner, dict(r.sampling), r.version
         s.created_at, s.last_used = r.created_at, r.last_active
@@ -338,7 +351,9 @@ class Engine:
         self._set_tokens(s, list(r.sink_ids), list(r.window_ids), list(r.owed_ids))
         return s
 
-    def _set_tokens(self, s: Session, sinks: list[int], window: list[int], owed: list[int]) -> None:
+    def _set_tokens(
+        self, s: _Session, sinks: list[int], window: list[int], owed: list[int]
+    ) -> None:
         """Give a session without a cache its tokens, to be rebuilt on its next turn."""
         s.sink_tokens = sinks[: s.sinks]
         s.window_tokens.extend(window)
@@ -346,7 +361,7 @@ class Engine:
         start = s.position - len(s.window_tokens)
         s.rebuild = [(a, t) for a, t in ((0, s.sink_tokens), (start, list(s.window_tokens))) if t]
 
-    def _record(self, s: Session) -> SessionRecord:
+    def _record(self, s: _Session) -> SessionRecord:
         return SessionRecord(
             session_id=s.session_id,
             owner=s.owner,
@@ -366,7 +381,7 @@ class Engine:
             lease_until=s.lease_until,
         )
 
-    def _persist(self, s: Session) -> None:
+    def _persist(self, s: _Session) -> None:
         """Queue the session's record for the store (lock held; never waits on I/O)."""
         if self._writer is not None:
             s.version += 1
@@ -374,7 +389,7 @@ class Engine:
 
     # ---- one replica at a time -------------------------------------------------------
 
-    def _claim(self, s: Session) -> Session:
+    def _claim(self, s: _Session) -> _Session:
         """Take the session's lease for a turn (request thread; store I/O, no lock held).
 
         Invariant: a turn runs only on the engine whose claim, a record of a higher
@@ -394,7 +409,7 @@ class Engine:
             self.log.warning("turn runs unclaimed: store unreachable", session_id=s.session_id)
             return s
 
-    def _claim_in_store(self, s: Session) -> Session:
+    def _claim_in_store(self, s: _Session) -> _Session:
         assert self._writer is not None
         store, sid = self._writer.store, s.session_id
         deadline = time.monotonic() + self.config.lease_s + 1.0
@@ -438,7 +453,7 @@ class Engine:
         theirs = r.holder.rsplit("/", 1)[0]
         return r.lease_until > now and r.holder != self._holder and theirs != replica
 
-    def _refresh(self, s: Session, stored: SessionRecord) -> Session:
+    def _refresh(self, s: _Session, stored: SessionRecord) -> _Session:
         """Replace a stale copy of a session by one rebuilt from the newer record."""
         with self._lock:
             if s.turn is not None:
@@ -513,7 +528,7 @@ class Engine:
                 mine.setdefault(r.session_id, self._stored_info(r))
         return sorted(mine.values(), key=lambda i: (i.created_at, i.session_id))
 
-    def _info(self, s: Session) -> SessionInfo:
+    def _info(self, s: _Session) -> SessionInfo:
         state = (
             ("generating" if s.slot is not None else "waiting")
             if s.turn is not None
@@ -563,7 +578,7 @@ class Engine:
                 return  # ended meanwhile
             if s.turn is not None:
                 s.turn.cancelled = True
-                s.turn.state.end_session = True  # the loop ends it after the turn
+                _state(s.turn).end_session = True  # the loop ends it after the turn
                 self._wake.notify()
                 # Answer once it is gone (the cancelled turn ends within a step), so that
                 # whoever ended it never sees it again.
@@ -584,7 +599,7 @@ class Engine:
             self._wake.notify()
             return True
 
-    def _drop(self, s: Session) -> None:
+    def _drop(self, s: _Session) -> None:
         del self._sessions[s.session_id]
         self._ended.notify_all()
         slot = self._sched.release(s)
@@ -654,7 +669,7 @@ class Engine:
             self._wake.notify()
         return turn.turn_id
 
-    def _await_free(self, s: Session) -> None:
+    def _await_free(self, s: _Session) -> None:
         """Return once `s` has no running turn (lock held), else raise SessionBusy. A turn
         already cancelled (its client went away, or cancelled it) ends within a step, so a
         new turn waits for that instead of being refused: the client that resumes its
@@ -834,7 +849,7 @@ class Engine:
 
     def step(self) -> None:
         """Run one engine step (the loop calls this; tests may too, without start())."""
-        out: list[tuple[Turn, list[Event]]] = []
+        out: list[tuple[_Turn, list[Event]]] = []
         with self._lock:
             now = time.monotonic()
             self._expire(now)
@@ -850,6 +865,7 @@ class Engine:
             for session, slot in plan.swap_out:
                 session.host = self.runner.save(slot)
             for session, slot in plan.swap_in:
+                assert session.host is not None  # the scheduler swaps in only what it holds
                 self.runner.load(slot, session.host)
                 session.host = None
             for slot in plan.clear:
@@ -858,7 +874,7 @@ class Engine:
                 SampleRow(
                     turn_id=t.turn_id,
                     params=t.params,
-                    rng=t.state.rng,
+                    rng=_state(t).rng,
                     history=t.session.cache_token_ids() if t.params.repetition_penalty != 1 else (),
                 )
                 for t in plan.sampled
@@ -883,7 +899,7 @@ class Engine:
             if events:
                 self._deliver(turn, events)
 
-    def _deliver(self, turn: Turn, events: list[Event]) -> None:
+    def _deliver(self, turn: _Turn, events: list[Event]) -> None:
         """Hand events to the turn's consumer. A consumer that fails (e.g. its event loop
         closed) loses its turn, never the engine loop."""
         try:
@@ -892,9 +908,9 @@ class Engine:
             self.log.exception("event consumer failed; cancelling its turn", turn=turn.turn_id)
             turn.cancelled = True
 
-    def _on_token(self, turn: Turn, token: int) -> list[Event]:
+    def _on_token(self, turn: _Turn, token: int) -> list[Event]:
         """Account a sampled token; return the turn's events for this step."""
-        st: _TurnState = turn.state
+        st = _state(turn)
         p = turn.params
         turn.generated.append(token)
         turn.next_token = token
@@ -913,7 +929,7 @@ class Engine:
 
     def _end(
         self,
-        turn: Turn,
+        turn: _Turn,
         reason: FinishReason,
         error: str = "",
         code: str = "",
@@ -929,12 +945,12 @@ class Engine:
         del self._turns[turn.turn_id]
         self._ended.notify_all()
         refused = reason is FinishReason.ERROR and turn.fed == 0
-        unfed = turn.pending[: turn.state.inherited] if refused else turn.pending[turn.fed :]
+        unfed = turn.pending[: _state(turn).inherited] if refused else turn.pending[turn.fed :]
         s.owed = unfed + ([turn.next_token] if turn.next_token is not None else [])
         s.last_finished_eos = eos
         s.last_used = self._clock()
         usage = Usage(
-            prompt_tokens=turn.state.prompt_tokens,
+            prompt_tokens=_state(turn).prompt_tokens,
             generated_tokens=len(turn.generated),
             position=s.position,
             cached_tokens=s.cached_tokens,
@@ -942,10 +958,10 @@ class Engine:
         )
         tail = ""
         if flush:  # the bytes of a character the turn ended inside, as U+FFFD
-            held, _ = turn.state.stops.push(turn.state.decoder.flush())
-            tail = held + turn.state.stops.flush()
+            held, _ = _state(turn).stops.push(_state(turn).decoder.flush())
+            tail = held + _state(turn).stops.flush()
         s.lease_until, s.claimed = 0.0, None
-        if turn.state.end_session:
+        if _state(turn).end_session:
             self._drop(s)
         elif s.lost:
             self._forget(s)

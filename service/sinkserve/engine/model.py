@@ -145,11 +145,11 @@ class Llama:
             h = F.rms_norm(x, width, layer.attn_norm, cfg.rms_eps).to(dt)
             qkv = linear(h, layer.wqkv, layer.bqkv)
             # q and k heads rotated together, to both angle sets, in three ops.
-            qk = qkv[:, : (nh + nkv) * hd].unflatten(1, (nh + nkv, hd))
+            qk = qkv[:, : (nh + nkv) * hd].unflatten(1, (nh + nkv, hd))  # type: ignore[no-untyped-call]
             swapped = qk.unflatten(2, (2, hd // 2)).flip(2).flatten(2)
             rot = torch.addcmul(qk * cos, swapped, sin)  # [2, T, nH + nKV, hd]
             q_abs, k, q_sink = rot[0, :, :nh], rot[0, :, nh:], rot[1, :, :nh]
-            v = qkv[:, (nh + nkv) * hd :].unflatten(1, (nkv, hd))
+            v = qkv[:, (nh + nkv) * hd :].unflatten(1, (nkv, hd))  # type: ignore[no-untyped-call]
             if plan.decode is not None and not plan.chunks:
                 attn = _decode_attention(kv, li, plan.decode, q_abs, q_sink, k, v)
             else:
@@ -238,8 +238,8 @@ def _chunk_attention(
 
     keys = torch.cat([kc, chunked(k_new, nkv)], dim=2)[:, :, None]  # [B, nKV, 1, C + L, hd]
     vals = torch.cat([vc, chunked(v_new, nkv)], dim=2)[:, :, None]
-    qa = chunked(q_abs, nh).unflatten(1, (nkv, g))  # [B, nKV, g, L, hd]
-    qs = chunked(q_sink, nh).unflatten(1, (nkv, g))
+    qa = chunked(q_abs, nh).unflatten(1, (nkv, g))  # type: ignore[no-untyped-call]  # [B, nKV, g, L, hd]
+    qs = chunked(q_sink, nh).unflatten(1, (nkv, g))  # type: ignore[no-untyped-call]
     scores = qa @ keys.transpose(-1, -2)  # [B, nKV, g, L, C + L]
     if kv.sinks:
         scores[..., : kv.sinks] = qs @ kc[:, :, None, : kv.sinks].transpose(-1, -2)

@@ -147,6 +147,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
         w = w.dense
     if isinstance(w, torch.Tensor):
         return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w, bias)
+    y: torch.Tensor  # torch.ops calls are untyped
     if isinstance(w, PackedWeight):
         dt = w.packed.dtype
         y = torch.ops.mkldnn._linear_pointwise(x.to(dt), w.packed, None, "none", [], "")

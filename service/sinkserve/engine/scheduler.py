@@ -19,10 +19,15 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sinkserve.engine.slots import SlotManager
-from sinkserve.engine.types import SamplingParams
+from sinkserve.engine.types import Event, SamplingParams
+
+# What the engine keeps on turns and sessions, opaque here (this module stays torch-free):
+StateT = TypeVar("StateT")  # a turn's engine-side state (detokenizer, stop matcher, rng)
+HostT = TypeVar("HostT")  # the runner's exact host copy of a swapped-out slot
+ClaimT = TypeVar("ClaimT")  # the store record of the claim a running turn holds
 
 
 @dataclass(frozen=True)
@@ -37,20 +42,20 @@ class StepItem:
 
 
 @dataclass(eq=False)  # identity semantics: mutable state, hashable
-class Turn:
+class Turn(Generic[StateT, HostT, ClaimT]):
     """One user turn: its tokens to prefill, then generation until a finish condition."""
 
     turn_id: int
-    session: Session
+    session: Session[StateT, HostT, ClaimT]
     params: SamplingParams
     pending: list[int]  # owed + this turn's tokens, fed by prefill
     submitted_at: float
-    on_events: Callable[[list[Any]], None]
+    on_events: Callable[[list[Event]], None]
     fed: int = 0  # how many of `pending` the cache has seen
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None  # sampled, not yet fed
     cancelled: bool = False
-    state: Any = None  # engine-side per-turn state (detokenizer, stop matcher, rng)
+    state: StateT | None = None  # engine-side per-turn state (detokenizer, stop matcher, rng)
 
     @property
     def prefilling(self) -> bool:
@@ -58,7 +63,7 @@ class Turn:
 
 
 @dataclass(eq=False)
-class Session:
+class Session(Generic[StateT, HostT, ClaimT]):
     session_id: str
     sinks: int
     window: int
@@ -69,7 +74,7 @@ class Session:
     created_at: float = 0.0
     version: int = 0  # of the last record written to the session store
     lease_until: float = 0.0  # while a turn runs: until when its claim holds the session
-    claimed: Any = None  # the store record of that claim (renewed as the turn runs)
+    claimed: ClaimT | None = None  # the store record of that claim (renewed as the turn runs)
     lost: bool = False  # another replica took the session: this copy must not be written
     position: int = 0
     sink_tokens: list[int] = field(default_factory=list)
@@ -78,9 +83,9 @@ class Session:
     last_finished_eos: bool = False
     turns: int = 0
     slot: int | None = None
-    host: Any = None  # the runner's exact host copy of the slot
+    host: HostT | None = None  # the runner's exact host copy of the slot
     rebuild: list[tuple[int, list[int]]] = field(default_factory=list)  # (start, tokens)
-    turn: Turn | None = None
+    turn: Turn[StateT, HostT, ClaimT] | None = None
 
     def __post_init__(self) -> None:
         self.window_tokens = deque(self.window_tokens, maxlen=self.window)
@@ -106,52 +111,55 @@ class Session:
 
 
 @dataclass
-class Plan:
+class Plan(Generic[StateT, HostT, ClaimT]):
     """One step: slot moves to make first, then items to run. `sampled[i]` is the turn
     whose token comes from the i-th item that wants logits."""
 
-    swap_out: list[tuple[Session, int]]
-    swap_in: list[tuple[Session, int]]
+    swap_out: list[tuple[Session[StateT, HostT, ClaimT], int]]
+    swap_in: list[tuple[Session[StateT, HostT, ClaimT], int]]
     clear: list[int]
     items: list[StepItem]
-    fed: list[tuple[Turn | Session, int]]  # who each item feeds, and how many tokens
-    sampled: list[Turn]
-    timed_out: list[Turn]
+    # Who each item feeds, and how many tokens.
+    fed: list[tuple[Turn[StateT, HostT, ClaimT] | Session[StateT, HostT, ClaimT], int]]
+    sampled: list[Turn[StateT, HostT, ClaimT]]
+    timed_out: list[Turn[StateT, HostT, ClaimT]]
 
 
-class Scheduler:
+class Scheduler(Generic[StateT, HostT, ClaimT]):
     """Admission into slots, LRU swapping of idle sessions, and step composition."""
 
     def __init__(self, num_slots: int, step_token_budget: int, slot_wait_s: float) -> None:
         self.slots = SlotManager(num_slots)
         self.budget = step_token_budget
         self.slot_wait_s = slot_wait_s
-        self.waiting: deque[Turn] = deque()
-        self.running: list[Turn] = []
+        self.waiting: deque[Turn[StateT, HostT, ClaimT]] = deque()
+        self.running: list[Turn[StateT, HostT, ClaimT]] = []
         self._ids = itertools.count(1)
 
     def next_turn_id(self) -> int:
         return next(self._ids)
 
-    def add(self, turn: Turn) -> None:
+    def add(self, turn: Turn[StateT, HostT, ClaimT]) -> None:
         self.waiting.append(turn)
 
-    def release(self, session: Session) -> int | None:
+    def release(self, session: Session[StateT, HostT, ClaimT]) -> int | None:
         """Forget a session's slot (ended or expired); returns the slot to clear."""
         slot, session.slot, session.host = session.slot, None, None
         if slot is not None:
             self.slots.free(slot)
         return slot
 
-    def finish(self, turn: Turn) -> None:
+    def finish(self, turn: Turn[StateT, HostT, ClaimT]) -> None:
         if turn in self.running:
             self.running.remove(turn)
         elif turn in self.waiting:
             self.waiting.remove(turn)
         turn.session.turn = None
 
-    def schedule(self, now: float, sessions: Sequence[Session]) -> Plan:
-        plan = Plan([], [], [], [], [], [], [])
+    def schedule(
+        self, now: float, sessions: Sequence[Session[StateT, HostT, ClaimT]]
+    ) -> Plan[StateT, HostT, ClaimT]:
+        plan: Plan[StateT, HostT, ClaimT] = Plan([], [], [], [], [], [], [])
         self._admit(now, sessions, plan)
         decode = [t for t in self.running if not t.prefilling and not t.session.rebuild]
         budget = self.budget - len(decode)
@@ -182,10 +190,15 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _admit(self, now: float, sessions: Sequence[Session], plan: Plan) -> None:
+    def _admit(
+        self,
+        now: float,
+        sessions: Sequence[Session[StateT, HostT, ClaimT]],
+        plan: Plan[StateT, HostT, ClaimT],
+    ) -> None:
         """Move waiting turns into slots: their own, a free one, or one taken from the
         least recently used idle session (swapped to host)."""
-        still: deque[Turn] = deque()
+        still: deque[Turn[StateT, HostT, ClaimT]] = deque()
         for turn in self.waiting:
             s = turn.session
             if s.slot is None:
@@ -211,11 +224,13 @@ class Scheduler:
                 still.append(turn)
         self.waiting = still
 
-    def _lru_idle(self, sessions: Sequence[Session]) -> Session | None:
+    def _lru_idle(
+        self, sessions: Sequence[Session[StateT, HostT, ClaimT]]
+    ) -> Session[StateT, HostT, ClaimT] | None:
         idle = [s for s in sessions if s.slot is not None and s.turn is None]
         return min(idle, key=lambda s: s.last_used, default=None)
 
-    def advance(self, plan: Plan) -> None:
+    def advance(self, plan: Plan[StateT, HostT, ClaimT]) -> None:
         """Account the tokens a step fed (sampling results are the engine's business)."""
         for who, n in plan.fed:
             if isinstance(who, Session):  # a rebuild chunk: tokens already counted

@@ -171,7 +171,7 @@ class Authenticator:
         return found
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Rejects calls without a valid token (UNAUTHENTICATED) before they reach a servicer."""
 
     def __init__(self, auth: Authenticator) -> None:

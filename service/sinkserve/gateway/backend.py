@@ -15,10 +15,11 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 import tritonclient.grpc.aio as triton
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
@@ -253,7 +254,7 @@ class TritonBackend:
                 responses.cancel()
 
 
-def _tensor(name: str, datatype: str, values: np.ndarray) -> InferInput:
+def _tensor(name: str, datatype: str, values: npt.NDArray[np.generic]) -> InferInput:
     tensor = InferInput(name, list(values.shape), datatype)
     tensor.set_data_from_numpy(values)
     return tensor
@@ -264,7 +265,8 @@ def _string(name: str, *values: str) -> InferInput:
 
 
 # The tensor of each SamplingParams field the model takes (the rest are left out).
-_SAMPLING_TENSORS = (
+SamplingField = Literal["max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"]
+_SAMPLING_TENSORS: tuple[tuple[SamplingField, str, str, type[np.generic]], ...] = (
     ("max_tokens", "max_tokens", "INT32", np.int32),
     ("temperature", "temperature", "FP32", np.float32),
     ("top_k", "top_k", "INT32", np.int32),

@@ -35,7 +35,7 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return tolerant
 
 
-class DecodeInterceptor(grpc.aio.ServerInterceptor):
+class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Gives the handlers of one service (those that check for Undecodable) a
     deserializer that returns Undecodable instead of raising."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sinkserve.gateway._proto.sinkserve.v1 import chat_pb2 as pb
 from sinkserve.gateway.backend import Final
@@ -259,7 +259,9 @@ def _sampling(b: _Body, max_tokens: int | None, stop: tuple[str, ...]) -> pb.Sam
     )
 
 
-def _set(sampling: pb.SamplingParams, field: str) -> float | int | None:
+def _set(
+    sampling: pb.SamplingParams, field: Literal["temperature", "top_p", "max_tokens"]
+) -> float | int | None:
     """A sampling field as the request set it; None when it left it to the defaults."""
     value: float | int | None = getattr(sampling, field) if sampling.HasField(field) else None
     return value

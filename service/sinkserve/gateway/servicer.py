@@ -193,7 +193,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             )
             return pb.CreateSessionResponse(session=self._describe(info))
 
-        return await self._unary("CreateSession", request, context, create)
+        response: pb.CreateSessionResponse = await self._unary(
+            "CreateSession", request, context, create
+        )
+        return response
 
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
@@ -203,7 +206,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             info = await self._backend.call("get", request.session_id, caller)
             return pb.GetSessionResponse(session=self._describe(info))
 
-        return await self._unary("GetSession", request, context, get)
+        response: pb.GetSessionResponse = await self._unary("GetSession", request, context, get)
+        return response
 
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext
@@ -214,7 +218,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await self._backend.call("end", request.session_id, caller)
             return pb.DeleteSessionResponse()
 
-        return await self._unary("DeleteSession", request, context, delete)
+        response: pb.DeleteSessionResponse = await self._unary(
+            "DeleteSession", request, context, delete
+        )
+        return response
 
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
@@ -240,7 +247,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 next_page_token=page[-1]["session_id"] if more and page else "",
             )
 
-        return await self._unary("ListSessions", request, context, list_)
+        response: pb.ListSessionsResponse = await self._unary(
+            "ListSessions", request, context, list_
+        )
+        return response
 
     # -- helpers ----------------------------------------------------------------------------
 

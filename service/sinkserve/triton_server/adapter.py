@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 from jinja2 import TemplateError
 
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-Outputs = dict[str, np.ndarray]
-GetInput = Callable[[str], "np.ndarray | None"]
+Array = npt.NDArray[np.generic]  # a tensor of any dtype (BYTES tensors are object arrays)
+Outputs = dict[str, Array]
+GetInput = Callable[[str], "Array | None"]
 
 USAGE_OUTPUTS = (
     "prompt_tokens",
@@ -50,7 +52,7 @@ ACTIONS = ("turn", "open", "get", "end", "cancel", "list", "ping")
 _NEEDS_SESSION = ("turn", "get", "end", "cancel")
 MAX_TURN_ID = 128
 # Optional inputs -> the engine's SamplingParams field they set.
-_SAMPLING_INPUTS: tuple[tuple[str, str, type], ...] = (
+_SAMPLING_INPUTS: tuple[tuple[str, str, type[int | float]], ...] = (
     ("max_tokens", "max_new_tokens", int),
     ("temperature", "temperature", float),
     ("top_k", "top_k", int),
@@ -226,7 +228,7 @@ def _scalar(get: GetInput, name: str, kind: type[T], default: T) -> T:
     return kind(value)  # type: ignore[call-arg]
 
 
-def _str_tensor(text: str) -> np.ndarray:
+def _str_tensor(text: str) -> npt.NDArray[np.object_]:
     return np.array([text.encode()], dtype=np.object_)
 
 
@@ -239,7 +241,7 @@ def usage_outputs(reason: str, usage: Usage) -> Outputs:
         usage.cached_tokens,
         usage.evicted_tokens,
     )
-    out = {"finish_reason": _str_tensor(reason)}
+    out: Outputs = {"finish_reason": _str_tensor(reason)}
     out.update(
         {k: np.array([v], dtype=np.int64) for k, v in zip(USAGE_OUTPUTS, values, strict=True)}
     )
@@ -388,6 +390,9 @@ class TurnResponder:
         return {"text_output": _str_tensor(text), "output_ids": np.array(ids, dtype=np.int32)}
 
 
+_SendArgs = tuple[Outputs | None, str | None, bool]  # the arguments of one `Send` call
+
+
 class SendQueue:
     """Sends responses from one thread of its own, in the order they were queued.
 
@@ -398,7 +403,7 @@ class SendQueue:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Send, threading.Event, tuple] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Send, threading.Event, _SendArgs] | None] = (
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._run, name="sinkserve-send", daemon=True)

@@ -26,9 +26,12 @@ import os
 import pickle
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:  # only for its type: this module imports no torch
+    from sinkserve.engine.engine import SessionSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +70,9 @@ class Handoff:
         self._predecessors = alive
         return alive
 
-    def collect(self, fingerprint: str, timeout_s: float, poll_s: float = 0.05) -> list[Any]:
+    def collect(
+        self, fingerprint: str, timeout_s: float, poll_s: float = 0.05
+    ) -> list[SessionSnapshot]:
         """Wait until every older instance has finalized, then take their sessions (without
         their KV where it came from an engine with another fingerprint).
 
@@ -77,7 +82,7 @@ class Handoff:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"previous model instance still draining after {timeout_s}s")
             time.sleep(poll_s)
-        snaps: list[Any] = []
+        snaps: list[SessionSnapshot] = []
         for path in sorted(self.directory.glob("*.sessions")):
             with path.open("rb") as f:
                 theirs, sessions = pickle.load(f)
@@ -89,7 +94,7 @@ class Handoff:
             log.info("sessions taken over", file=path.name, sessions=len(sessions), exact_kv=exact)
         return snaps
 
-    def leave(self, fingerprint: str, snapshots: list[Any]) -> None:
+    def leave(self, fingerprint: str, snapshots: list[SessionSnapshot]) -> None:
         """Write this instance's sessions for the next one, then release the lock.
         Snapshots are dataclasses with a `kv` field (the engine's SessionSnapshot)."""
         if snapshots:

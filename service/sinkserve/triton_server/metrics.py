@@ -12,7 +12,8 @@ from typing import Any
 
 from sinkserve.engine.types import EngineStats
 
-GAUGES = {
+# name -> (help text, how to read it from the stats)
+GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
     "sinkserve_sessions_active": ("Sessions open", lambda s: s.sessions),
     "sinkserve_sessions_in_slots": (
         "Sessions whose cache is in a device slot",
@@ -34,7 +35,7 @@ GAUGES = {
         lambda s: s.store_pending,
     ),
 }
-COUNTERS = {
+COUNTERS: dict[str, tuple[str, Callable[[EngineStats], int]]] = {
     "sinkserve_prefill_tokens_total": ("Prompt tokens prefilled", lambda s: s.prefill_tokens),
     "sinkserve_generated_tokens_total": ("Tokens generated", lambda s: s.generated_tokens),
     "sinkserve_evicted_tokens_total": ("Tokens evicted from windows", lambda s: s.evicted_tokens),

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import numpy as np
 import structlog
 import triton_python_backend_utils as pb_utils
 
@@ -32,6 +31,7 @@ from sinkserve.engine.engine import Engine  # noqa: E402
 from sinkserve.engine.store import GuardedStore, open_store  # noqa: E402
 from sinkserve.engine.types import EngineError  # noqa: E402
 from sinkserve.triton_server.adapter import (  # noqa: E402
+    Array,
     CancelWatcher,
     ModelRequest,
     Outputs,
@@ -123,7 +123,7 @@ class TritonPythonModel:
                 response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             )
 
-        def get(name: str) -> np.ndarray | None:
+        def get(name: str) -> Array | None:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             return None if tensor is None else tensor.as_numpy()
 

@@ -23,16 +23,18 @@ def pdl_options(pdl: bool) -> dict[str, bool]:
     return {"launch_pdl": True} if pdl else {}
 
 
-@triton.jit
-def pdl_enter(PDL: tl.constexpr):
+# The @triton.jit kernels below stay unannotated: Triton reads a parameter's annotation as its
+# kernel type (tl.constexpr), and triton ships no types (hence their `type: ignore`s).
+@triton.jit  # type: ignore[untyped-decorator]
+def pdl_enter(PDL: tl.constexpr):  # type: ignore[no-untyped-def]
     """Let the next kernel launch, then wait for the previous one (see module doc)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
 
 
-@triton.jit
-def _add_rms_norm_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _add_rms_norm_kernel(  # type: ignore[no-untyped-def]
     x_ptr, delta_ptr, w_ptr, out_ptr, n_cols, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -81,8 +83,8 @@ def add_rms_norm(
     return out
 
 
-@triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _silu_mul_kernel(gu_ptr, out_ptr, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):  # type: ignore[no-untyped-def]
     pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -105,8 +107,8 @@ def silu_mul(gate_up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     return out
 
 
-@triton.jit
-def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):  # type: ignore[no-untyped-def]
     """Input columns kk as float32; with SILU, x is (gate, up) of width 2 k_in and the
     input is SiLU(gate) * up, rounded to x's dtype as `silu_mul` would."""
     if SILU:
@@ -118,8 +120,8 @@ def _gemv_input(x_ptr, kk, kmask, k_in, SILU: tl.constexpr):
     return xk
 
 
-@triton.jit
-def _gemv_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _gemv_kernel(  # type: ignore[no-untyped-def]
     x_ptr,
     w_ptr,
     y_ptr,

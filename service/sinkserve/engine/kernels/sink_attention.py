@@ -54,13 +54,15 @@ class AttnConfig:
     dot: bool = True  # tensor-core tiles also when g = 1 (else multiply-and-sum)
 
 
+# The @triton.jit kernels below stay unannotated: Triton reads a parameter's annotation as its
+# kernel type (tl.constexpr), and triton ships no types (hence their `type: ignore`s).
 @triton.jit
-def _rope_halves(x1, x2, cos, sin):
+def _rope_halves(x1, x2, cos, sin):  # type: ignore[no-untyped-def]
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
-@triton.jit
-def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """[GP, HALF] queries against [N, HALF] keys (two halves each) -> [GP, N] float32.
     Without dot, GP is 1: multiply-and-sum over the head dimension."""
     if USE_DOT:
@@ -74,8 +76,8 @@ def _scores(q1, q2, k1, k2, USE_DOT: tl.constexpr):
     return s
 
 
-@triton.jit
-def _weighted(p, v, USE_DOT: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _weighted(p, v, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """[GP, N] weights times [N, HALF] values -> [GP, HALF] float32 (GP is 1 without dot)."""
     if USE_DOT:
         o = tl.dot(p.to(v.dtype), v)
@@ -85,16 +87,16 @@ def _weighted(p, v, USE_DOT: tl.constexpr):
     return o
 
 
-@triton.jit
-def _halves(ptr, offs, cmask, HALF: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _halves(ptr, offs, cmask, HALF: tl.constexpr):  # type: ignore[no-untyped-def]
     """Both halves of the head dimension of a tile of keys (or values)."""
     x1 = tl.load(ptr + offs, mask=cmask[:, None], other=0.0)
     x2 = tl.load(ptr + offs + HALF, mask=cmask[:, None], other=0.0)
     return x1, x2
 
 
-@triton.jit
-def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,
+@triton.jit  # type: ignore[untyped-decorator]
+def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,  # type: ignore[no-untyped-def]
                  HALF: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Window columns [n0, n0 + BLOCK_N) below `end`: their offsets, mask, visibility
     and key halves (the values are loaded from the same offsets)."""
@@ -107,8 +109,8 @@ def _window_keys(k_ptr, kpos_base, kv_base, n0, end, pos, W: tl.constexpr,
     return offs, cmask, vis, k1, k2
 
 
-@triton.jit
-def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.constexpr):  # type: ignore[no-untyped-def]
     """One tile of keys folded into the online softmax state (m_i, l_i, acc1, acc2); the
     query halves are already rotated and scaled for these keys."""
     s = _scores(q1, q2, k1, k2, USE_DOT)
@@ -122,8 +124,8 @@ def _fold_tile(q1, q2, k1, k2, v1, v2, vis, m_i, l_i, acc1, acc2, USE_DOT: tl.co
     return m_new, l_i, acc1, acc2
 
 
-@triton.jit
-def _decode_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _decode_kernel(  # type: ignore[no-untyped-def]
     qkv_ptr,
     qkv_row_stride,
     cos_p_ptr,
