@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,3 +38,17 @@ def test_the_wheels_server_gets_a_private_backend_dir_with_this_pythons_stub(
     assert install.env["PYTHONPATH"].split(os.pathsep)[0] == str(package_parent())
     # Preparing it again is a no-op.
     assert find_installation(cache_dir=tmp_path).backend_dir == install.backend_dir
+
+
+def test_the_wheels_server_is_found_without_importing_pytriton() -> None:
+    # Importing pytriton loads its client, which needs gevent: a GPU host carrying only
+    # the wheel's files (no gevent) must still find the server.
+    code = (
+        "import sys; from sinkserve.triton_server.launcher import _wheel_root; "
+        "root = _wheel_root(); assert (root / 'bin' / 'tritonserver').is_file(), root; "
+        "assert 'pytriton' not in sys.modules; print('ok')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(package_parent())}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -12,6 +12,7 @@ never has to be writable.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -79,13 +80,14 @@ def find_installation(server: Path | None = None, cache_dir: Path | None = None)
 
 
 def _wheel_root() -> Path:
-    try:
-        import pytriton
-    except ImportError as exc:
+    # Found, not imported: importing pytriton loads its client, which needs gevent, and
+    # only the tritonserver directory inside the wheel is wanted.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
         raise TritonLaunchError(
             "no tritonserver in PATH or /opt/tritonserver and nvidia-pytriton is not installed"
-        ) from exc
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+        )
+    return Path(spec.origin).resolve().parent / "tritonserver"
 
 
 def _is_wheel_binary(server: Path) -> bool:

@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-import structlog
 import triton_python_backend_utils as pb_utils
 
 # The stub's embedded interpreter ignores PYTHONPATH (it sees only its own site-packages):
 # take it from the environment, where the launcher names the directory of the sinkserve
 # package, so that a checkout that is not installed (or a --target directory) works too.
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+import structlog  # noqa: E402
 
 from sinkserve.engine.engine import Engine  # noqa: E402
 from sinkserve.engine.store import GuardedStore, open_store  # noqa: E402
