@@ -249,7 +249,11 @@ def run_e2e(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]:
         adapter = {} if budget is None else {"stream_responses_per_s": str(budget)}
         write_engine_parameters(repo / "sinkserve" / "config.pbtxt", config, adapter)
         log = Path(tmp) / "triton.log"
-        with TritonServer(model_repository=repo, log_path=log, ready_timeout_s=600) as triton:
+        # A store of its own: the bench's sessions must not land in (or meet) the user's.
+        store = f"sqlite://{Path(tmp) / 'sessions.sqlite3'}"
+        with TritonServer(
+            model_repository=repo, log_path=log, ready_timeout_s=600, session_store=store
+        ) as triton:
             result = asyncio.run(_e2e(None, triton.grpc_url, config, args))
             assert triton.process is not None
             result["peak_rss_mb"] = round(tree_peak_rss_mb(triton.process.pid), 1)
@@ -278,6 +282,7 @@ async def _e2e(
             triton_url=triton_url,
             auth_disabled=True,
             max_streams_per_caller=most,
+            max_turns_per_caller=most,
             health_interval_s=0.5,
         )
         auth = Authenticator.from_environ(disabled=True, tokens_file="", tokens_env="")

@@ -49,3 +49,11 @@ def test_sampling_is_the_models_unless_the_parameters_ask_for_greedy() -> None:
     assert parse_parameters(params(sampling="greedy"), "m").engine.sampling == "greedy"
     with pytest.raises(ConfigError, match=r"sampling='hot'.*model, greedy"):
         parse_parameters(params(sampling="hot"), "m")
+
+
+def test_an_unset_response_budget_follows_the_device_and_a_set_one_wins() -> None:
+    assert parse_parameters(params(), "m").stream_responses_per_s == 200
+    gpu = {"device": "cuda", "dtype": "bfloat16"}
+    assert parse_parameters(params(**gpu), "m").stream_responses_per_s == 1000
+    chosen = params(**gpu, stream_responses_per_s="50")
+    assert parse_parameters(chosen, "m").stream_responses_per_s == 50

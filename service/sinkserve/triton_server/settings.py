@@ -27,7 +27,17 @@ class ModelSettings:
     handoff_timeout_s: float = 600.0  # how long a new instance waits for the old to drain
     metrics_interval_s: float = 1.0
     # Streamed responses per second shared by all turns (StreamPacer); 0 = every token.
+    # Unset: by device (default_responses_per_s).
     stream_responses_per_s: float = 200.0
+
+
+def default_responses_per_s(device: str) -> float:
+    """The stream budget where config.pbtxt sets none. On CPU each response's cost lands
+    on the engine's cores: 200. On a GPU host the engine's step loop shares only the stub's
+    GIL with the responses: 1000 kept the gateway at 0.97-1.06 of engine-direct at 1, 16
+    and 64 sessions on an H200, where 4000 fell to 0.43 at 64 and 200 made deltas too
+    coarse to stream (bench/results/NOTES-served-stack-nvidia-h200.md)."""
+    return 1000.0 if device.startswith("cuda") else 200.0
 
 
 def kv_fingerprint(config: EngineConfig) -> str:
@@ -75,8 +85,10 @@ def parse_parameters(parameters: Mapping[str, Any], model_name: str) -> ModelSet
                 raise ConfigError(f"{key}={raw!r}: expected float") from None
             if not (extra[key] > 0 or (zero_ok and extra[key] == 0)):
                 raise ConfigError(f"{key}={raw!r}: must be {'>= 0' if zero_ok else '> 0'}")
+    engine = EngineConfig.from_mapping(values)
+    extra.setdefault("stream_responses_per_s", default_responses_per_s(engine.device))
     return ModelSettings(
-        engine=EngineConfig.from_mapping(values),
+        engine=engine,
         handoff_dir=base / model_name,
         session_store=store,
         replica=replica,
