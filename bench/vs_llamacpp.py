@@ -26,7 +26,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sinkserve.bench import engine_driver, machine_name, model_name, plot, steady_decode_rate
+from sinkserve.bench import (
+    engine_driver,
+    engine_roofline,
+    machine_name,
+    model_name,
+    plot,
+    steady_decode_rate,
+)
 from sinkserve.config import EngineConfig
 from sinkserve.engine.engine import Engine
 from sinkserve.engine.loader import model_path
@@ -86,6 +93,7 @@ def main() -> None:
     )
     llama = LlamaWorker(args.llama_python, model_path(config), args.threads)
     engine = Engine.load(config)
+    machine = engine_roofline(engine, args.threads)  # before either decodes
     engine.start()
     drive = engine_driver(engine)
     prompt = [1000 + (i * 7) % 5000 for i in range(args.prompt_tokens)]  # as the worker's
@@ -131,6 +139,12 @@ def main() -> None:
         "ratio_sinkserve_vs_llamacpp": {
             n: round(m["sinkserve"] / m["llama.cpp"], 3) for n, m in med.items()
         },
+        "roofline": machine,
+        "share_of_roofline_1_session": (
+            round(med["1"]["sinkserve"] / machine["roofline_tok_s"], 3)
+            if machine and "1" in med
+            else None
+        ),
         "runs": runs,
         "wall_s": round(time.time() - started, 1),
     }

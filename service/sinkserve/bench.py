@@ -222,6 +222,7 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
     from sinkserve.engine.engine import Engine
 
     engine = Engine.load(config)
+    machine = engine_roofline(engine, config.threads)
     engine.start()
     try:
         result: dict[str, Any] = asyncio.run(measure({"engine": engine_driver(engine)}, args))[
@@ -229,9 +230,24 @@ def run_engine(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]
         ]
     finally:
         engine.shutdown()
+    result["roofline"] = machine
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["peak_rss_of"] = "this process (engine + benchmark)"
     return result
+
+
+def engine_roofline(engine: Engine, threads: int) -> dict[str, float] | None:
+    """The machine's memory roofline for this engine's model (CPU runners; None on a GPU,
+    where bench/gpu.py measures its own)."""
+    import torch
+
+    from sinkserve.engine.runner import TorchRunner
+    from sinkserve.roofline import roofline
+
+    runner = engine.runner
+    if not isinstance(runner, TorchRunner) or runner.model.device.type != "cpu":
+        return None
+    return roofline(runner.model, threads or torch.get_num_threads())
 
 
 def run_e2e(config: EngineConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -272,6 +288,7 @@ async def _e2e(
     from sinkserve.gateway.server import Gateway
 
     engine = None if args.no_engine else Engine.load(config)
+    machine = engine_roofline(engine, config.threads) if engine is not None else None
     gw = None
     if gateway is None:
         assert triton_url is not None
@@ -302,6 +319,7 @@ async def _e2e(
         if engine is not None:
             engine.shutdown()
     result: dict[str, Any] = results["e2e"]
+    result["roofline"] = machine
     if "engine" in results:
         direct = results["engine"]
         result["engine_direct"] = direct

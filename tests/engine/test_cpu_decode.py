@@ -13,7 +13,7 @@ import structlog
 import torch
 
 from sinkserve.config import EngineConfig
-from sinkserve.engine import cpu_decode
+from sinkserve.engine import cpu_ext
 from sinkserve.engine.model import Llama
 from sinkserve.engine.quant import Int4Weight
 from sinkserve.engine.runner import TorchRunner, torch_dtype
@@ -179,12 +179,16 @@ def test_without_a_compiler_the_engine_logs_why_and_stays_eager(
     def no_compiler() -> NoReturn:
         raise RuntimeError("Error building extension: c++ not found")
 
-    monkeypatch.setattr(cpu_decode, "extension", no_compiler)
+    monkeypatch.setattr(cpu_ext, "extension", no_compiler)
+    cpu_ext.available.cache_clear()
     cfg, tensors = model
-    with structlog.testing.capture_logs() as logs:
-        runner = make_runner(cfg, tensors, 1)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            runner = make_runner(cfg, tensors, 1)
+    finally:
+        cpu_ext.available.cache_clear()  # the next test finds the real extension
     assert runner.fused is None
-    assert [e["event"] for e in logs] == ["cpu_decode_unavailable"]
+    assert [e["event"] for e in logs] == ["cpu_extension_unavailable"]
     assert "c++ not found" in logs[0]["error"]
     logits = runner.logits([StepItem(0, [5], 0, True)])  # the eager path
     assert logits.shape == (1, cfg.vocab_size) and logits.isfinite().all()

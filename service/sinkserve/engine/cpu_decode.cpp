@@ -14,6 +14,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_matvec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -61,16 +63,19 @@ struct Layer {
   at::Tensor w[4];                 // qkv, o, gate_up, down: int4 codes, packed, or plain
   at::Tensor scales_zeros[4];      // kInt4: quant.Int4Weight.scales_zeros
   at::Tensor dense[4];             // kInt4: the dense copies, prepacked for oneDNN
+  at::Tensor rowpack[4];           // kInt4: the codes in cpu_matvec's layout, or undefined
   at::Tensor k, v;                 // the layer's float32 cache [slots, nKV, S + W, hd]
 };
 
 class FusedDecode {
  public:
   // Per layer: norms (attention, FFN), biases (one or none), weights (4), and for int4
-  // weights scales_zeros (4) and dense copies (4); caches (K, V).
+  // weights scales_zeros (4), dense copies (4) and cpu_matvec's packs (4, or none at all);
+  // caches (K, V).
   FusedDecode(std::vector<at::Tensor> norms, std::vector<at::Tensor> biases,
               std::vector<at::Tensor> weights, std::vector<at::Tensor> scales_zeros,
-              std::vector<at::Tensor> dense, std::vector<at::Tensor> caches, at::Tensor kpos,
+              std::vector<at::Tensor> dense, std::vector<at::Tensor> rowpacks,
+              std::vector<at::Tensor> caches, at::Tensor kpos,
               int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t sinks,
               int64_t window, int64_t group, int64_t dense_rows, double eps)
       : kpos_(kpos), nh_(num_heads), nkv_(num_kv_heads), hd_(head_dim), sinks_(sinks),
@@ -84,6 +89,7 @@ class FusedDecode {
     TORCH_CHECK(weights.size() == 4 * n && caches.size() == 2 * n, "per-layer tensor counts");
     TORCH_CHECK(!int4 || (scales_zeros.size() == 4 * n && dense.size() == 4 * n),
                 "int4 weights come with scales and dense copies");
+    TORCH_CHECK(rowpacks.empty() || rowpacks.size() == 4 * n, "a rowpack for every weight");
     for (size_t i = 0; i < n; ++i) {
       Layer l;
       l.attn_norm = norms[2 * i];
@@ -94,6 +100,7 @@ class FusedDecode {
         if (int4) {
           l.scales_zeros[j] = scales_zeros[4 * i + j];
           l.dense[j] = dense[4 * i + j];
+          if (!rowpacks.empty()) l.rowpack[j] = rowpacks[4 * i + j];
         }
       }
       l.k = caches[2 * i];
@@ -158,7 +165,11 @@ class FusedDecode {
     const at::Tensor& bias = j == 0 ? l.qkv_bias : at::Tensor();
     if (kind_ == Kind::kPlain) return at::linear(in, l.w[j], bias);
     at::Tensor y;
-    if (kind_ == Kind::kInt4 && in.size(0) < dense_rows_) {
+    const int64_t rows = in.size(0);
+    if (kind_ == Kind::kInt4 && l.rowpack[j].defined() && rows < sinkserve::kMatvecRows &&
+        rows < dense_rows_ && in.scalar_type() == at::kBFloat16) {
+      y = sinkserve::int4_matvec(in.contiguous(), l.rowpack[j]);
+    } else if (kind_ == Kind::kInt4 && rows < dense_rows_) {
       y = at::_weight_int4pack_mm_for_cpu(in, l.w[j], group_, l.scales_zeros[j]);
     } else {
       const at::Tensor& w = kind_ == Kind::kInt4 ? l.dense[j] : l.w[j];
@@ -262,10 +273,15 @@ class FusedDecode {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto released = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("matvec_supported", &sinkserve::matvec_supported);
+  m.def("int4_matvec", &sinkserve::int4_matvec, released);
+  m.def("int8_matvec", &sinkserve::int8_matvec, released);
   pybind11::class_<FusedDecode>(m, "FusedDecode")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                          std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, at::Tensor,
                           int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                           double>())
       .def("step", &FusedDecode::step, pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -3,8 +3,9 @@
 A decode step of one session spends far longer in the ~250 ATen calls a layer between
 the matmuls (norms, RoPE, attention on rows of a few hundred values, each call costing
 microseconds of dispatch) than in arithmetic. `cpu_decode.cpp` runs a whole step of
-single-token rows: the matmuls through the same kernels as `quant.linear` (int4 weights,
-or from `Int4Weight.dense_rows` rows their dense copies prepacked for oneDNN; prepacked
+single-token rows: the matmuls through the same kernels as `quant.linear` (int4 weights
+through cpu_matvec's kernels below 8 rows where they have its layout and ATen's above, or
+from `Int4Weight.dense_rows` rows their dense copies prepacked for oneDNN; prepacked
 bfloat16; plain float32 or bfloat16), everything between them as plain loops, attention
 split over the rows and KV heads on torch's intra-op threads. The embedding, the final
 norm and the output head stay in `Llama` (one call each). Numerics agree with the eager
@@ -12,51 +13,23 @@ path to float32 rounding for float32 models and to bfloat16 rounding for bfloat1
 (`tests/engine/test_cpu_decode.py`, and the float32 oracle tests, whose decode steps
 take this path).
 
-The extension is compiled on first use with the machine's C++ compiler (about 25 s on 2
-cores; cached under torch's extension directory, `TORCH_EXTENSIONS_DIR`). Where it
-cannot be built the engine logs why and keeps the eager path.
+The C++ is `cpu_ext`'s extension; where it cannot be built the engine keeps the eager
+path.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import shutil
-import sysconfig
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 
-import structlog
 import torch
 import torch.nn.functional as F
 
+from sinkserve.engine import cpu_ext
 from sinkserve.engine.kv_cache import KVCache
 from sinkserve.engine.model import Layer, Llama
 from sinkserve.engine.quant import Int4Weight, PackedWeight, Weight
 from sinkserve.engine.rope import rope_tables
 from sinkserve.engine.scheduler import StepItem
-
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
-
-
-@functools.cache
-def extension() -> ModuleType:
-    """The compiled extension (built once per CPU kind and source, then loaded)."""
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:  # the `ninja` wheel's binary, in this environment
-        os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), os.environ["PATH"]])
-    # Built for this CPU (-march=native): a cache directory shared with a CPU lacking some
-    # instruction (a volume moved between nodes) must not hand it this build.
-    features = ",".join(sorted(k for k, on in torch.cpu.get_capabilities().items() if on))
-    module: ModuleType = cpp_extension.load(
-        name=f"sinkserve_cpu_decode_{hashlib.sha1(features.encode()).hexdigest()[:10]}",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-    )
-    return module
 
 
 def projections(layer: Layer) -> tuple[Weight, ...]:
@@ -72,12 +45,14 @@ class FusedDecode:
         weights = [w for layer in model.layers for w in projections(layer)]
         first = weights[0]
         int4 = [w for w in weights if isinstance(w, Int4Weight)]
-        self.impl = extension().FusedDecode(
+        rowpacks = [w.rowpack for w in int4 if w.rowpack is not None]
+        self.impl = cpu_ext.extension().FusedDecode(
             [n for layer in model.layers for n in (layer.attn_norm, layer.ffn_norm)],
             [layer.bqkv for layer in model.layers if layer.bqkv is not None],
             [w.packed if isinstance(w, Int4Weight | PackedWeight) else w for w in weights],
             [w.scales_zeros for w in int4],
             [w.dense.packed for w in int4],
+            rowpacks if len(rowpacks) == len(weights) else [],
             [c for k, v in zip(kv.k, kv.v, strict=True) for c in (k, v)],
             kv.kpos,
             cfg.num_heads,
@@ -107,12 +82,7 @@ class FusedDecode:
             and kinds <= {Int4Weight, PackedWeight, torch.Tensor}
             and all(not isinstance(w, torch.Tensor) or w.dtype == model.dtype for w in weights)
         )
-        if not applies:
-            return None
-        try:
-            extension()
-        except Exception as e:  # no compiler, no headers: the eager path still works
-            structlog.get_logger().warning("cpu_decode_unavailable", error=str(e))
+        if not applies or not cpu_ext.available():
             return None
         return FusedDecode(model, kv)
 

@@ -23,6 +23,11 @@ SmolLM2 with distinct weights (as in a step: they do not stay in cache), 2 cores
   AMX machine with oneDNN held to AVX-512 BF16, `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`:
   8 rows int4 12.3 / bfloat16 21.1 ms, 32 rows 43.1 / 44.8), and float32 keeps the exact
   values of the codes: 4 bytes a weight (+424 MB).
+
+Below 8 rows with bfloat16 activations, on a CPU with AVX-512 BF16, int4 and int8 weights
+also keep their codes in the layout of `cpu_matvec.cpp` (`rowpack`, the same bytes a
+weight as ATen's), whose kernels stream them at close to the memory's rate; elsewhere, or
+where the extension cannot be built, ATen's kernels run.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sinkserve.engine import cpu_ext
+
 GROUP = 32
+MATVEC_ROWS = 8  # cpu_matvec.h kMatvecRows: steps of fewer rows take those kernels
+MATVEC_BLOCK = 16  # output rows a block of their layouts holds
 INNER_K_TILES = 2
 PACK_ROWS_HINT = 32  # oneDNN picks the packed layout for this many rows; any count runs
 
@@ -77,6 +86,7 @@ class Int4Weight:
     group: int
     dense: PackedWeight  # the weight the codes stand for, for steps of dense_rows+ rows
     dense_rows: int
+    rowpack: torch.Tensor | None  # the codes for cpu_matvec (pack_rows_int4), or None
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,8 @@ class Int8Weight:
 
     codes: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor  # [N] (activation dtype)
+    rowpack: torch.Tensor | None  # the codes for cpu_matvec (pack_rows_int8), or None
+    rowpack_scales: torch.Tensor | None  # float32 [N], beside rowpack
 
 
 Weight = torch.Tensor | Int4Weight | Int8Weight | PackedWeight
@@ -94,7 +106,50 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     """Symmetric per-row int8 (for the output head, whose rows GGUF keeps at 6-8 bits)."""
     scale = (w.float().abs().amax(-1) / 127).clamp(min=1e-12).to(dtype).float()
     codes = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return Int8Weight(codes=codes.contiguous(), scales=scale.to(dtype))
+    fast = takes_matvec(w, dtype, 16)
+    return Int8Weight(
+        codes=codes.contiguous(),
+        scales=scale.to(dtype),
+        rowpack=pack_rows_int8(codes) if fast else None,
+        rowpack_scales=scale.to(dtype).float().contiguous() if fast else None,
+    )
+
+
+def takes_matvec(w: torch.Tensor, dtype: torch.dtype, k_multiple: int) -> bool:
+    """Whether steps of few rows multiply by `w` [N, K] with cpu_matvec's kernels: bfloat16
+    activations on a CPU that has them, N a multiple of their block, K of `k_multiple`."""
+    n, k = w.shape
+    return (
+        w.device.type == "cpu"
+        and dtype == torch.bfloat16
+        and n % MATVEC_BLOCK == 0
+        and k % k_multiple == 0
+        and cpu_ext.matvec_supported()
+    )
+
+
+def pack_rows_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes q [N, K] (0..15) with bfloat16 scale and zero [N, K / 32] in cpu_matvec.cpp's
+    int4 layout: uint8 [N / 16, K / 32, 320]."""
+    n, k = q.shape
+    nb, g = n // MATVEC_BLOCK, k // GROUP
+    # [block, row, group, nibble (low: pairs 0-7, high: 8-15), pair, member]
+    qg = q.to(torch.uint8).reshape(nb, MATVEC_BLOCK, g, 2, 8, 2)
+    codes = (qg[:, :, :, 0] | (qg[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [b, g, c, r, e]
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, G] bfloat16 -> [b, g, 32] bytes
+        t = t.to(torch.bfloat16).reshape(nb, MATVEC_BLOCK, g).permute(0, 2, 1).contiguous()
+        return t.view(torch.uint8)
+
+    return torch.cat([codes.reshape(nb, g, 256), per_block(scale), per_block(zero)], -1)
+
+
+def pack_rows_int8(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] in cpu_matvec.cpp's int8 layout: uint8 [N / 16, K / 16, 256]."""
+    n, k = codes.shape
+    u = (codes.to(torch.int16) + 128).to(torch.uint8)
+    u = u.reshape(n // MATVEC_BLOCK, MATVEC_BLOCK, k // 16, 8, 2).permute(0, 2, 3, 1, 4)
+    return u.reshape(n // MATVEC_BLOCK, k // 16, 256).contiguous()
 
 
 def can_quantize(w: torch.Tensor, group: int = GROUP) -> bool:
@@ -128,12 +183,14 @@ def quantize_int4(
     # What the kernel computes with: (q - 8) * scale + zero, both rounded to `dtype`.
     zero_k = zero.to(dtype).float()
     values = ((q - 8) * scale[..., None] + zero_k[..., None]).reshape(n, k)
+    fast = group == GROUP and takes_matvec(w, dtype, GROUP)
     return Int4Weight(
         packed=packed,
         scales_zeros=sz,
         group=group,
         dense=pack(values, dense.dtype),
         dense_rows=dense.rows,
+        rowpack=pack_rows_int4(q.reshape(n, k), scale, zero) if fast else None,
     )
 
 
@@ -142,7 +199,8 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     any float dtype (cast where it differs from the one the weight computes in; the int4
     kernel needs the activation dtype). The result is in the dtype the weight computes
     in, except for packed weights, which answer in x's dtype (so both paths of an int4
-    weight agree)."""
+    weight agree). Steps of fewer than MATVEC_ROWS bfloat16 rows take cpu_matvec's
+    kernels where the weight has their layout."""
     if isinstance(w, Int4Weight) and x.shape[0] >= w.dense_rows:
         w = w.dense
     if isinstance(w, torch.Tensor):
@@ -152,8 +210,28 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
         dt = w.packed.dtype
         y = torch.ops.mkldnn._linear_pointwise(x.to(dt), w.packed, None, "none", [], "")
         y = y.to(x.dtype)
+    elif w.rowpack is not None and 0 < x.shape[0] < MATVEC_ROWS and takes_dtype(x, w):
+        y = matvec(x.to(torch.bfloat16), w)
     elif isinstance(w, Int8Weight):
         y = torch.ops.aten._weight_int8pack_mm(x.to(w.scales.dtype), w.codes, w.scales)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scales_zeros)
     return y if bias is None else y + bias
+
+
+def takes_dtype(x: torch.Tensor, w: Int4Weight | Int8Weight) -> bool:
+    """Whether x may go to cpu_matvec's kernels: bfloat16 for int4 (as ATen's kernel, which
+    needs the activation dtype); any float for int8, cast to bfloat16 (as ATen's path)."""
+    return isinstance(w, Int8Weight) or x.dtype == torch.bfloat16
+
+
+def matvec(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
+    """x (bfloat16, 1 to MATVEC_ROWS - 1 rows) @ w.T through cpu_matvec's kernels (the
+    weight must have their layout: `rowpack`)."""
+    ext = cpu_ext.extension()
+    y: torch.Tensor
+    if isinstance(w, Int4Weight):
+        y = ext.int4_matvec(x.contiguous(), w.rowpack)
+    else:
+        y = ext.int8_matvec(x.contiguous(), w.rowpack, w.rowpack_scales)
+    return y

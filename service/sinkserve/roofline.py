@@ -1,0 +1,73 @@
+"""The machine's own memory roofline for CPU decode, measured in the run that quotes it.
+
+A decode step of a few sessions reads every weight once, so its floor is the bytes of
+weights it reads over the rate this machine streams memory. VMs of one kind differ by 3x
+in that rate (17 to 55 GB/s on 2 threads), so a tokens/s figure means little without it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sinkserve.engine.model import Llama
+from sinkserve.engine.quant import Int4Weight, Int8Weight, PackedWeight, Weight
+
+GIB = 1 << 30
+
+
+def memory_bandwidth_gb_s(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """The best rate (1e9 bytes/s) at which `threads` threads sum a float32 tensor of `gib`
+    GiB: far larger than any cache, so it streams from memory."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        data = torch.ones(int(gib * GIB) // 4)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            data.sum()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return data.numel() * 4 / best / 1e9
+
+
+def weight_bytes(w: Weight) -> int:
+    """Bytes a step of one row reads of `w`, through the kernel that step takes."""
+    if isinstance(w, Int4Weight):
+        if w.rowpack is not None:
+            return w.rowpack.nbytes
+        return w.packed.nbytes + w.scales_zeros.nbytes
+    if isinstance(w, Int8Weight):
+        if w.rowpack is not None and w.rowpack_scales is not None:
+            return w.rowpack.nbytes + w.rowpack_scales.nbytes
+        return w.codes.nbytes + w.scales.nbytes
+    if isinstance(w, PackedWeight):
+        return w.packed.numel() * w.packed.element_size()
+    return w.nbytes
+
+
+def step_bytes(model: Llama) -> int:
+    """Weights one single-row decode step reads: every projection and the head (its int8
+    copy where it has one: a step of one row takes it)."""
+    layers = sum(
+        weight_bytes(w)
+        for layer in model.layers
+        for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)
+    )
+    head = model.lm_head_int8 if model.lm_head_int8 is not None else model.head
+    return layers + weight_bytes(head)
+
+
+def roofline(model: Llama, threads: int) -> dict[str, float]:
+    """This machine's bandwidth, the bytes a step reads, and the rate of one session those
+    allow (tokens/s if reading weights were all a step did)."""
+    bandwidth = memory_bandwidth_gb_s(threads)
+    nbytes = step_bytes(model)
+    return {
+        "bandwidth_gb_s": round(bandwidth, 2),
+        "step_weight_mb": round(nbytes / 1e6, 2),
+        "roofline_tok_s": round(bandwidth * 1e9 / nbytes, 1),
+    }
