@@ -7,7 +7,11 @@ in that rate (17 to 55 GB/s on 2 threads), so a tokens/s figure means little wit
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,18 +23,32 @@ GIB = 1 << 30
 
 def memory_bandwidth_gb_s(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     """The best rate (1e9 bytes/s) at which `threads` threads sum a float32 tensor of `gib`
-    GiB: far larger than any cache, so it streams from memory."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        data = torch.ones(int(gib * GIB) // 4)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            data.sum()
-            best = min(best, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
+    GiB: far larger than any cache, so it streams from memory.
+
+    Measured in a child process: in the process of an engine, allocating and freeing the
+    GiB left its later decode steps about 3x slower (one session, 2-core VM; the cause was
+    not found, a fixed malloc mmap or trim threshold did not change it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
+    )
+    args = [str(threads), str(gib), str(repeats)]
+    code = "import sys; from sinkserve.roofline import sum_rate; print(sum_rate(*sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout.split()[-1])
+
+
+def sum_rate(threads: str, gib: str, repeats: str) -> float:
+    """memory_bandwidth_gb_s's measurement, in the process that calls it."""
+    torch.set_num_threads(int(threads))
+    data = torch.ones(int(float(gib) * GIB) // 4)
+    best = float("inf")
+    for _ in range(int(repeats)):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best / 1e9
 
 
