@@ -34,9 +34,10 @@ class ModelSettings:
 def default_responses_per_s(device: str) -> float:
     """The stream budget where config.pbtxt sets none. On CPU each response's cost lands
     on the engine's cores: 200. On a GPU host the engine's step loop shares only the stub's
-    GIL with the responses: 1000 kept the gateway at 0.97-1.06 of engine-direct at 1, 16
-    and 64 sessions on an H200, where 4000 fell to 0.43 at 64 and 200 made deltas too
-    coarse to stream (bench/results/NOTES-served-stack-nvidia-h200.md)."""
+    GIL with the responses. On an H200, 1000 kept the gateway at 0.97-1.11 of
+    engine-direct at 1, 16 and 64 sessions (one run of four gave 0.74 at 64). 4000 fell
+    to 0.43 at 64, and 200 made deltas too coarse to stream
+    (bench/results/NOTES-served-stack-nvidia-h200.md)."""
     return 1000.0 if device.startswith("cuda") else 200.0
 
 
