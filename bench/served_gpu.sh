@@ -22,12 +22,7 @@ mkdir -p "$work/wheels" "$out"
 cat "$pieces"/p0* | tar -xf - -C "$work/wheels"
 
 host_python=$(command -v python3)
-"$host_python" -m venv --without-pip "$venv" || {
-  mkdir -p "$venv/bin"
-  ln -sf "$host_python" "$venv/bin/python3"
-  printf 'home = %s\ninclude-system-site-packages = false\n' "$(dirname "$host_python")" \
-    >"$venv/pyvenv.cfg"
-}
+"$host_python" -m venv --without-pip "$venv"
 site=$("$venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mkdir -p "$site"
 # The host's packages (torch, CUDA) after the venv's own.

@@ -59,9 +59,7 @@ def weight_bytes(w: Weight) -> int:
             return w.rowpack.nbytes
         return w.packed.nbytes + w.scales_zeros.nbytes
     if isinstance(w, Int8Weight):
-        if w.rowpack is not None and w.rowpack_scales is not None:
-            return w.rowpack.nbytes + w.rowpack_scales.nbytes
-        return w.codes.nbytes + w.scales.nbytes
+        return (w.rowpack if w.rowpack is not None else w.codes).nbytes + w.scales.nbytes
     if isinstance(w, PackedWeight):
         return w.packed.numel() * w.packed.element_size()
     return w.nbytes

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from sinkserve.engine import cpu_ext
 from sinkserve.engine.model import Llama
 from sinkserve.roofline import memory_bandwidth_gb_s, step_bytes
 from tests.engine.helpers import tiny_model
@@ -33,9 +32,8 @@ def test_a_step_reads_two_bytes_a_weight_in_bfloat16_and_five_eighths_with_int4(
     assert step_bytes(dense) == 2 * n + 4 * head
     int4 = model(torch.bfloat16, "int4")
     # 4-bit codes plus a bfloat16 scale and zero per 32 weights: 0.625 bytes a weight in
-    # either layout; the head's int8 codes are a byte each plus a scale per row.
-    scales = int4.lm_head.shape[0] * (4 if cpu_ext.matvec_supported() else 2)
-    assert step_bytes(int4) == 0.625 * n + head + scales
+    # either layout; the head's int8 codes are a byte each plus a bfloat16 scale per row.
+    assert step_bytes(int4) == 0.625 * n + head + 2 * int4.lm_head.shape[0]
 
 
 def test_the_probe_reads_memory_at_a_finite_positive_rate() -> None:

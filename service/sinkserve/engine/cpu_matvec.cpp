@@ -131,17 +131,17 @@ void int4_block(const uint8_t* blk, int64_t groups, const uint32_t* xp, int64_t 
 }
 
 // As int4_block for int8: `xp16` holds 16 x as pairs, `xsum` [M] the rows' sums of x,
-// `scale` the block's 16 row scales.
+// `scale` the block's 16 row scales (bfloat16).
 template <int M>
 void int8_block(const uint8_t* blk, int64_t chunks, const uint32_t* xp, const uint32_t* xp16,
-                int64_t half_k, const float* xsum, const float* scale, c10::BFloat16* y,
+                int64_t half_k, const float* xsum, const uint8_t* scale, c10::BFloat16* y,
                 int64_t n) {
   __m512 acc[M][kChains<M>];
   zero<M>(acc);
   for (int64_t k = 0; k < chunks; ++k)
     chunks8<M>(acc, blk + k * kInt8ChunkBytes, xp + k * 8, xp16 + k * 8, half_k,
                [](int c) { return c; }, [](int c) { return c; });
-  const __m512 s = _mm512_loadu_ps(scale);
+  const __m512 s = load_bf16(scale);
   for (int m = 0; m < M; ++m) {
     const __m512 v = _mm512_sub_ps(total<M>(acc, m), _mm512_set1_ps(2304.f * xsum[m]));
     store_bf16(y + m * n, _mm512_mul_ps(v, s));
@@ -155,7 +155,7 @@ struct Operands {
   const uint32_t* xp16;
   const float* sums;
   const uint8_t* w;
-  const float* scales;
+  const uint8_t* scales;  // int8: bfloat16 [N]
   c10::BFloat16* y;
   int64_t blocks, k;
 };
@@ -176,7 +176,7 @@ void int8_all(const Operands& o) {
   at::parallel_for(0, o.blocks, kBlocksPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       int8_block<M>(o.w + b * chunks * kInt8ChunkBytes, chunks, o.xp, o.xp16, o.k / 2, o.sums,
-                    o.scales + b * 16, o.y + b * 16, n);
+                    o.scales + b * 32, o.y + b * 16, n);
   });
 }
 
@@ -227,9 +227,9 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(0);
   TORCH_CHECK(k % 16 == 0 && packed.size(1) == k / 16 && packed.size(2) == kInt8ChunkBytes,
               "packed int8 weight does not match x's K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == blocks * 16 &&
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == blocks * 16 &&
                   scales.is_contiguous(),
-              "scales: float32 [N]");
+              "scales: bfloat16 [N]");
   at::Tensor y = at::empty({rows, blocks * 16}, x.options());
   const auto* xb = x.data_ptr<c10::BFloat16>();
   const std::vector<float> sums = run_sums(xb, rows, k, k);
@@ -237,7 +237,7 @@ at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& packed, const at::
   for (int64_t i = 0; i < rows * k; ++i) x16[i] = c10::BFloat16(16.f * static_cast<float>(xb[i]));
   kInt8Kernels[rows]({reinterpret_cast<const uint32_t*>(xb),
                       reinterpret_cast<const uint32_t*>(x16.data()), sums.data(),
-                      packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                      packed.data_ptr<uint8_t>(), static_cast<const uint8_t*>(scales.data_ptr()),
                       y.data_ptr<c10::BFloat16>(), blocks, k});
   return y;
 }

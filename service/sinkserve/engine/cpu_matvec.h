@@ -18,7 +18,7 @@ bool matvec_supported();
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& packed);
 
 // x: bfloat16 [M, K]; packed: uint8 [N / 16, K / 16, 256] (codes + 128 of
-// quant.Int8Weight); scales: float32 [N]. Returns bfloat16 [M, N] = x @ w.T.
+// quant.Int8Weight); scales: bfloat16 [N]. Returns bfloat16 [M, N] = x @ w.T.
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales);
 
 }  // namespace sinkserve

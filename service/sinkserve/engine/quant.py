@@ -24,10 +24,10 @@ SmolLM2 with distinct weights (as in a step: they do not stay in cache), 2 cores
   8 rows int4 12.3 / bfloat16 21.1 ms, 32 rows 43.1 / 44.8), and float32 keeps the exact
   values of the codes: 4 bytes a weight (+424 MB).
 
-Below 8 rows with bfloat16 activations, on a CPU with AVX-512 BF16, int4 and int8 weights
-also keep their codes in the layout of `cpu_matvec.cpp` (`rowpack`, the same bytes a
-weight as ATen's), whose kernels stream them at close to the memory's rate; elsewhere, or
-where the extension cannot be built, ATen's kernels run.
+In bfloat16 models on a CPU with AVX-512 BF16, int4 and int8 weights also keep their
+codes in the layout of `cpu_matvec.cpp` (`rowpack`, the same bytes a weight as ATen's),
+whose kernels take steps of fewer than 8 rows and stream the codes at close to the
+memory's rate; elsewhere, or where the extension cannot be built, ATen's kernels run.
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ class Int8Weight:
     codes: torch.Tensor  # int8 [N, K]
     scales: torch.Tensor  # [N] (activation dtype)
     rowpack: torch.Tensor | None  # the codes for cpu_matvec (pack_rows_int8), or None
-    rowpack_scales: torch.Tensor | None  # float32 [N], beside rowpack
 
 
 Weight = torch.Tensor | Int4Weight | Int8Weight | PackedWeight
@@ -106,12 +105,10 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> Int8Weight:
     """Symmetric per-row int8 (for the output head, whose rows GGUF keeps at 6-8 bits)."""
     scale = (w.float().abs().amax(-1) / 127).clamp(min=1e-12).to(dtype).float()
     codes = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    fast = takes_matvec(w, dtype, 16)
     return Int8Weight(
         codes=codes.contiguous(),
         scales=scale.to(dtype),
-        rowpack=pack_rows_int8(codes) if fast else None,
-        rowpack_scales=scale.to(dtype).float().contiguous() if fast else None,
+        rowpack=pack_rows_int8(codes) if takes_matvec(w, dtype, 16) else None,
     )
 
 
@@ -233,5 +230,5 @@ def matvec(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     if isinstance(w, Int4Weight):
         y = ext.int4_matvec(x.contiguous(), w.rowpack)
     else:
-        y = ext.int8_matvec(x.contiguous(), w.rowpack, w.rowpack_scales)
+        y = ext.int8_matvec(x.contiguous(), w.rowpack, w.scales)
     return y
